@@ -150,17 +150,30 @@ class RequestDataset:
         first = np.flatnonzero(keep) if mode == "pointwise" else req_start
 
         vid = df.get_column("video_id").to_numpy()[keep]
-        self._vrow = torch.from_numpy(_table_rows(vid, video_keys, table="videos", column="video_id"))
-        self._item = torch.from_numpy(spec.item_index(vid).astype(np.int64))
-        self._position = torch.from_numpy(position[keep])
-        self._log_row = torch.from_numpy(df.get_column("__row").to_numpy().astype(np.int64)[keep])
-        labels = np.zeros((r, len(objs)), dtype=np.float32)
-        for j in range(len(objs)):
-            labels[:, j] = df.get_column(f"__y{j}").to_numpy()
-        self._labels = torch.from_numpy(labels[keep])
-        self._watch = torch.from_numpy(df.get_column("__watch").to_numpy().astype(np.float32)[keep])
-        self._duration = torch.from_numpy(df.get_column("__dur").to_numpy().astype(np.float32)[keep])
-        self._is_rand = torch.from_numpy(df.get_column("is_rand").to_numpy().astype(bool)[keep])
+        vrow = _table_rows(vid, video_keys, table="videos", column="video_id")
+        n_keep = int(keep.sum())
+        # per-row tables with one extra padding row at index R (gathers need no masking afterwards):
+        # ints: item index, video-table row (padding -> the zero row appended to the item tables), position, log row
+        rows_i = np.zeros((n_keep + 1, 4), dtype=np.int64)
+        rows_i[:-1, 0] = spec.item_index(vid)
+        rows_i[:-1, 1] = vrow
+        rows_i[-1, 1] = len(video_keys)
+        rows_i[:-1, 2] = position[keep]
+        rows_i[:-1, 3] = df.get_column("__row").to_numpy()[keep]
+        rows_i[-1, 3] = -1
+        # floats: the T labels, watch time (s), duration (s), is_rand
+        t_ = len(objs)
+        rows_f = np.zeros((n_keep + 1, t_ + 3), dtype=np.float32)
+        for j in range(t_):
+            rows_f[:-1, j] = df.get_column(f"__y{j}").to_numpy()[keep]
+        rows_f[:-1, t_] = df.get_column("__watch").to_numpy()[keep]
+        rows_f[:-1, t_ + 1] = df.get_column("__dur").to_numpy()[keep]
+        rows_f[:-1, t_ + 2] = df.get_column("is_rand").to_numpy()[keep]
+        self._rows_i = torch.from_numpy(rows_i)
+        fi, di = spec.num_item_sparse, spec.num_item_dense
+        self._rows_f = torch.from_numpy(rows_f)
+        self.item_sparse_table = torch.cat([self.item_sparse_table, self.item_sparse_table.new_zeros(1, fi)])
+        self.item_dense_table = torch.cat([self.item_dense_table, self.item_dense_table.new_zeros(1, di)])
 
         # ---- per-request arrays
         if mode == "pointwise":
@@ -181,7 +194,7 @@ class RequestDataset:
     @property
     def num_rows(self) -> int:
         """Log rows (impressions) kept by the dataset."""
-        return int(self._item.shape[0])
+        return int(self._rows_i.shape[0]) - 1
 
     @property
     def user_ids(self) -> Tensor:
@@ -226,24 +239,26 @@ class RequestDataset:
         m = int(count.max()) if b else 0
         ar = torch.arange(m, dtype=torch.int64)
         mask = ar.unsqueeze(0) < count.unsqueeze(1)  # [B, M]
-        rows = torch.where(mask, start.unsqueeze(1) + ar, 0)
-        maskf = mask.to(torch.float32)
-        vrow = self._vrow[rows]
-        urow = self._urow[idx]
-        user_id, t = self._user_id[idx], self._time[idx]
+        rows = torch.where(mask, start.unsqueeze(1) + ar, self.num_rows).reshape(-1)  # padding -> the zero row
+        ri = self._rows_i.index_select(0, rows).view(b, m, 4)
+        rf = self._rows_f.index_select(0, rows).view(b, m, -1)
+        t_ = len(self.tasks)
+        vrow = ri[..., 1].reshape(-1)
+        urow = self._urow.index_select(0, idx)
+        user_id, t = self._user_id.index_select(0, idx), self._time.index_select(0, idx)
         hist = self.timelines.history(user_id, t, self.history_len)
         return RequestBatch(
             user_id=user_id, request_time_ms=t,
-            user_sparse=self.user_sparse_table[urow], user_dense=self.user_dense_table[urow],
+            user_sparse=self.user_sparse_table.index_select(0, urow),
+            user_dense=self.user_dense_table.index_select(0, urow),
             hist_items=hist.items, hist_actions=hist.actions, hist_gap_s=hist.gap_s, hist_len=hist.length,
-            cand_items=self._item[rows] * mask, cand_mask=mask,
-            cand_sparse=self.item_sparse_table[vrow] * mask.unsqueeze(-1),
-            cand_dense=self.item_dense_table[vrow] * maskf.unsqueeze(-1),
-            tab=self._tab[idx], hour=self._hour[idx], position=self._position[rows] * mask,
-            duration_s=self._duration[rows] * maskf,
-            labels=self._labels[rows] * maskf.unsqueeze(-1), watch_time_s=self._watch[rows] * maskf,
-            is_rand=self._is_rand[rows] & mask,
-            extras={"request_index": idx, "log_row": torch.where(mask, self._log_row[rows], -1)},
+            cand_items=ri[..., 0].contiguous(), cand_mask=mask,
+            cand_sparse=self.item_sparse_table.index_select(0, vrow).view(b, m, -1),
+            cand_dense=self.item_dense_table.index_select(0, vrow).view(b, m, -1),
+            tab=self._tab.index_select(0, idx), hour=self._hour.index_select(0, idx),
+            position=ri[..., 2].contiguous(), duration_s=rf[..., t_ + 1].contiguous(),
+            labels=rf[..., :t_].contiguous(), watch_time_s=rf[..., t_].contiguous(), is_rand=rf[..., t_ + 2] > 0,
+            extras={"request_index": idx, "log_row": ri[..., 3].contiguous()},
         )
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,

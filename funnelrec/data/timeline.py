@@ -15,7 +15,6 @@ own or later feedback.
 
 Example:
     >>> import polars as pl
-    >>> from funnelrec.data.schema import LOG_COLUMNS
     >>> log = pl.DataFrame({"user_id": [7, 7, 7], "video_id": [3, 4, 5], "time_ms": [10, 20, 20],
     ...                     "is_click": [1, 0, 1]})
     >>> tl = Timelines.from_log(log, action_columns=("is_click",))
@@ -62,12 +61,12 @@ class Timelines:
         self.users = users.astype(np.int64)  # [U] sorted distinct user ids
         self.offsets = offsets.astype(np.int64)  # [U + 1]
         e = len(time_ms)
-        # one extra all-zero event at index E: padding positions gather from it
-        self._items = torch.from_numpy(np.r_[items.astype(np.int64), 0])
-        self._actions = torch.from_numpy(np.concatenate([actions.astype(np.int8),
-                                                         np.zeros((1, actions.shape[1]), np.int8)]))
-        self.time_ms = time_ms.astype(np.int64)  # [E]
-        self._time_t = torch.from_numpy(np.r_[self.time_ms, 0])
+        # numpy storage with one extra all-zero event at index E that padding positions gather from; gathers use
+        # np.take (single-threaded, so batch building does not depend on torch's intra-op thread pool)
+        self._items = np.r_[items.astype(np.int64), 0]
+        self._actions = np.concatenate([actions.astype(np.int8), np.zeros((1, actions.shape[1]), np.int8)])
+        self._time = np.r_[time_ms.astype(np.int64), 0]
+        self.time_ms = self._time[:-1]  # [E]
         self.play_s = torch.from_numpy(play_s.astype(np.float32))  # [E]
         self.action_columns = tuple(action_columns)
         # composite key: user rank * span + (time - t0), non-decreasing over the sorted events
@@ -124,12 +123,12 @@ class Timelines:
     @property
     def items(self) -> Tensor:
         """[E] int64 item index of every event."""
-        return self._items[:-1]
+        return torch.from_numpy(self._items[:-1])
 
     @property
     def actions(self) -> Tensor:
         """[E, A] int8 action flags of every event (channels ``action_columns``)."""
-        return self._actions[:-1]
+        return torch.from_numpy(self._actions[:-1])
 
     @property
     def num_events(self) -> int:
@@ -165,7 +164,7 @@ class Timelines:
         rc = np.minimum(r, self.num_users - 1)
         known = self.users[rc] == uid
         rel = np.clip(t - self.t0, 0, self.span - 1)
-        end = np.searchsorted(self.keys, rc * self.span + rel, side="right")
+        end = np.searchsorted(self.keys, rc * self.span + rel, side="left")
         start = self.offsets[rc]
         end = np.where(known, end, start)
         return start, end
@@ -186,10 +185,10 @@ class Timelines:
         pad = (n - length)[:, None]
         valid = pos[None, :] >= pad  # [B, N]
         idx = (end - length)[:, None] + pos[None, :] - pad
-        idx = torch.from_numpy(np.where(valid, idx, self.num_events).reshape(-1))  # padding -> the zero event
-        valid_t = torch.from_numpy(valid)
-        items = self._items.index_select(0, idx).view(b, n)
-        actions = self._actions.index_select(0, idx).view(b, n, a).to(torch.float32)
-        gap = (torch.from_numpy(t).unsqueeze(1) - self._time_t.index_select(0, idx).view(b, n)).to(torch.float32)
-        gap = gap.div_(1000.0).masked_fill_(~valid_t, 0.0)
-        return History(items, actions, gap, torch.from_numpy(length.astype(np.int64)))
+        idx = np.where(valid, idx, self.num_events).reshape(-1)  # padding -> the zero event
+        items = np.take(self._items, idx).reshape(b, n)
+        actions = np.take(self._actions, idx, axis=0).reshape(b, n, a).astype(np.float32)
+        gap = ((t[:, None] - np.take(self._time, idx).reshape(b, n)) * 0.001).astype(np.float32)
+        gap[~valid] = 0.0
+        return History(torch.from_numpy(items), torch.from_numpy(actions), torch.from_numpy(gap),
+                       torch.from_numpy(length.astype(np.int64)))

@@ -1,0 +1,147 @@
+"""The ``funnelrec`` command line (typer + rich).
+
+Commands:
+    funnelrec demo                                   simulate a small world, train a multi-task ranker, report
+    funnelrec simulate --profile bench-v1 --days 7 --out DIR [key=value ...]
+    funnelrec data export-csv SIM_DIR OUT_DIR        a simulated log as the official KuaiRand CSV file set
+    funnelrec data info PATH                         what a dataset folder holds (kuairand:/movielens:/recbole:)
+    funnelrec bench NAME [--quick] [--json]          benchmarks (``funnelrec bench list`` names them)
+
+Every command fails on bad input with a one-line message that names the file, column or option, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from funnelrec.errors import FunnelrecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="funnelrec: a multi-stage recommender system on a KuaiRand-calibrated simulator.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: convert, inspect.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def simulate(
+    out: Path = typer.Option(..., "--out", help="Output folder (created atomically; must not exist unless --force)."),
+    profile: str = typer.Option("small", "--profile", help="World profile: small, bench-v1 or long."),
+    days: int = typer.Option(None, "--days", help="Days to simulate (default: the profile's)."),
+    csv: bool = typer.Option(False, "--csv", help="Also write the official KuaiRand CSV file set into OUT/csv."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    overrides: list[str] = typer.Argument(None, help="World config overrides, key=value (e.g. days=3)."),
+) -> None:
+    """Simulate a world and write its logs in the KuaiRand log schema (Parquet) plus side tables."""
+    from funnelrec.sim import World
+
+    try:
+        if days is not None and days < 1:
+            raise FunnelrecError(f"--days must be >= 1, got {days}")
+        if out.exists() and not force:
+            raise FunnelrecError(f"{out} already exists; pass --force to replace it")
+        world = World.from_profile(profile, overrides or [])
+        sim = world.simulate(days=days)
+        sim.write(out)
+        if csv:
+            from funnelrec.data.loaders.kuairand import write_kuairand_csv
+
+            write_kuairand_csv(sim, out / "csv")
+    except FunnelrecError as err:
+        _fail(err)
+    log = sim.log
+    console.print(f"wrote {log.height:,} impressions of {log['user_id'].n_unique():,} users over "
+                  f"{log['date'].n_unique()} dates to [bold]{out}[/]")
+
+
+@data_app.command("export-csv")
+def export_csv(
+    sim_dir: Path = typer.Argument(..., help="A folder written by `funnelrec simulate`."),
+    out: Path = typer.Argument(..., help="Output folder for the KuaiRand CSV files."),
+) -> None:
+    """Write a simulated log as the official KuaiRand-Pure CSV file set."""
+    from funnelrec.data.loaders.kuairand import load_kuairand, write_kuairand_csv
+
+    try:
+        data = load_kuairand(sim_dir)
+        write_kuairand_csv(data, out)
+    except FunnelrecError as err:
+        _fail(err)
+    console.print(f"wrote KuaiRand CSV files to [bold]{out}[/]")
+
+
+@data_app.command("info")
+def data_info(spec: str = typer.Argument(..., help="kuairand:PATH, movielens:PATH or recbole:PATH")) -> None:
+    """Load a dataset and print its size."""
+    from funnelrec.data.loaders import load_dataset
+
+    try:
+        data = load_dataset(spec)
+    except FunnelrecError as err:
+        _fail(err)
+    table = Table(title=spec)
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    table.add_column("columns")
+    for name, value in vars(data).items():
+        if hasattr(value, "height"):
+            table.add_row(name, f"{value.height:,}", ", ".join(value.columns[:8]) + (" …" if value.width > 8 else ""))
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help="Benchmark name, or `list`."),
+    quick: bool = typer.Option(False, "--quick", help="A small, fast run (checked in the test suite)."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the figures as one flat JSON line, last."),
+    no_write: bool = typer.Option(False, "--no-write", help="Do not write docs/results (full runs write)."),
+) -> None:
+    """Run a benchmark; full runs write docs/results/NAME.json and NAME.md."""
+    from funnelrec.bench import list_benchmarks, run_benchmark
+
+    if name == "list":
+        for n in list_benchmarks():
+            print(n)
+        return
+    try:
+        command = "funnelrec bench " + " ".join(sys.argv[sys.argv.index(name):]) if name in sys.argv else None
+        run_benchmark(name, quick=quick, json_mode=json_mode, write=not no_write, command=command)
+    except FunnelrecError as err:
+        _fail(err)
+
+
+@app.command()
+def demo(
+    profile: str = typer.Option("small", "--profile", help="World profile of the demo."),
+    epochs: int = typer.Option(6, "--epochs", help="Training epochs of the multi-task model."),
+    seed: int = typer.Option(0, "--seed"),
+    users: int = typer.Option(3000, "--users", help="Users of the demo world."),
+    days: int = typer.Option(6, "--days", help="Days of the demo world (last = test, the one before = valid)."),
+) -> None:
+    """Simulate a world, train a multi-task ranker on its logs, and report it against popularity and the oracle."""
+    from funnelrec.demo import run_demo
+
+    try:
+        if users < 1 or days < 3:
+            raise FunnelrecError(f"--users must be >= 1 and --days >= 3 (train, valid, test), got {users}, {days}")
+        run_demo(profile=profile, epochs=epochs, seed=seed, users=users, days=days)
+    except FunnelrecError as err:
+        _fail(err)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
