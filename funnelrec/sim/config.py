@@ -159,7 +159,7 @@ class SessionConfig:
         page_size: items per request (a page of the feed).
         satisfaction_decay: s ← decay·s + (1 − decay)·r after every impression (xMTF's simulator uses 0.95).
         reward_watch, reward_like, reward_follow, reward_comment, reward_forward: weights of the per-impression
-            reward r; watch enters as min(watch ratio, 1.5) / 1.5.
+            reward r; watch enters as min(watch ratio, 1) on a click.
         reward_hate: penalty of is_hate in r.
         reward_repeat: penalty in r for an item whose primary tag or creator appeared in the last
             ``repeat_window`` impressions of the session (repetition tires users beyond what watch time shows).
@@ -171,13 +171,13 @@ class SessionConfig:
 
     page_size: int = 6
     satisfaction_decay: float = 0.95
-    reward_watch: float = 0.8
+    reward_watch: float = 2.0
     reward_like: float = 1.5
     reward_follow: float = 2.5
     reward_comment: float = 1.0
     reward_forward: float = 1.0
     reward_hate: float = 4.0
-    reward_repeat: float = 0.25
+    reward_repeat: float = 0.08
     repeat_window: int = 6
     leave_bias: float = -2.6
     leave_slope: float = 6.0
@@ -197,10 +197,10 @@ class ActivityConfig:
     """
 
     sessions_per_day: dict[str, float] = field(default_factory=lambda: {
-        "full_active": 0.7, "high_active": 0.45, "middle_active": 0.3, "low_active": 0.18,
-        "single_low_active": 0.1, "2_14_day_new": 0.3, "30day_retention": 0.18, "day_new": 0.3, "UNKNOWN": 0.18,
+        "full_active": 0.35, "high_active": 0.22, "middle_active": 0.15, "low_active": 0.09,
+        "single_low_active": 0.05, "2_14_day_new": 0.15, "30day_retention": 0.09, "day_new": 0.15, "UNKNOWN": 0.09,
     })
-    default_sessions: float = 0.18
+    default_sessions: float = 0.09
     scale: float = 1.0
     guarantee_every_user: bool = True
 
@@ -341,7 +341,7 @@ def profile(name: str) -> WorldConfig:
     name = name.removeprefix("sim:")
     if name == "small":
         cfg = WorldConfig(name="small", seed=7, num_users=400, days=4)
-        cfg.activity.scale = 2.0
+        cfg.activity.scale = 3.0
     elif name == "bench-v1":
         # FROZEN: published benchmark numbers use exactly this world. Do not edit; add bench-v2 instead.
         cfg = WorldConfig(name="bench-v1", seed=20220408, num_users=None, days=10)

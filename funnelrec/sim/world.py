@@ -272,7 +272,7 @@ class World:
     def _reward(self, draw: dict[str, Tensor], probs) -> Tensor:
         """[B, M] per-impression reward r that moves satisfaction."""
         sc = self.cfg.sessions
-        ratio = (draw["play_ms"] / probs.duration_ms).clamp(max=1.5) / 1.5
+        ratio = (draw["play_ms"] / probs.duration_ms).clamp(max=1.0)
         r = sc.reward_watch * ratio * draw["click"] + sc.reward_like * draw["like"] + \
             sc.reward_follow * draw["follow"] + sc.reward_comment * draw["comment"] + \
             sc.reward_forward * draw["forward"] - sc.reward_hate * draw["hate"] - sc.reward_repeat * probs.repeats
