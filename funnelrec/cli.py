@@ -37,6 +37,7 @@ def _fail(err: Exception) -> None:
 def simulate(
     out: Path = typer.Option(..., "--out", help="Output folder (created atomically; must not exist unless --force)."),
     profile: str = typer.Option("small", "--profile", help="World profile: small, bench-v1 or long."),
+    config: Path = typer.Option(None, "--config", help="A world config YAML (as in configs/sim/); overrides --profile."),
     days: int = typer.Option(None, "--days", help="Days to simulate (default: the profile's)."),
     csv: bool = typer.Option(False, "--csv", help="Also write the official KuaiRand CSV file set into OUT/csv."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
@@ -50,7 +51,12 @@ def simulate(
             raise FunnelrecError(f"--days must be >= 1, got {days}")
         if out.exists() and not force:
             raise FunnelrecError(f"{out} already exists; pass --force to replace it")
-        world = World.from_profile(profile, overrides or [])
+        if config is not None:
+            from funnelrec.sim.config import apply_overrides, load_world_config
+
+            world = World(apply_overrides(load_world_config(str(config)), overrides or []))
+        else:
+            world = World.from_profile(profile, overrides or [])
         sim = world.simulate(days=days)
         sim.write(out)
         if csv:

@@ -333,6 +333,26 @@ class WorldConfig:
         return cls(**kwargs).validate()
 
 
+def load_world_config(path: str) -> WorldConfig:
+    """A ``WorldConfig`` from a YAML file (as in ``configs/sim/``); ``ConfigError`` naming the file on bad input."""
+    import yaml
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such world config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of world config keys")
+    try:
+        return WorldConfig.from_dict(data)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"{p}: {err}") from None
+
+
 PROFILES = ("small", "bench-v1", "long")
 
 
