@@ -90,7 +90,7 @@ def plot_world(sim: SimLog, out_dir: Path, stem: str = "simulator") -> list[str]
     log = sim.log.join(sim.users.select("user_id", "user_active_degree"), on="user_id", how="left")
     names = []
     fig, ax = plt.subplots(figsize=(8, 4))
-    by = log.group_by("user_active_degree").agg([pl.col(c).cast(pl.Float64).mean() for c in LABEL_COLUMNS],
+    by = log.group_by("user_active_degree").agg(*[pl.col(c).cast(pl.Float64).mean() for c in LABEL_COLUMNS],
                                                 pl.len().alias("n")).sort("n", descending=True)
     x = np.arange(by.height)
     for i, c in enumerate(LABEL_COLUMNS):
@@ -99,7 +99,7 @@ def plot_world(sim: SimLog, out_dir: Path, stem: str = "simulator") -> list[str]
     ax.set_yscale("log")
     ax.set_ylabel("label rate")
     ax.set_title("Label rates by user activity degree")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.32))
     fig.tight_layout()
     names.append(f"{stem}_label_rates.png")
     fig.savefig(out_dir / names[-1], dpi=110)
@@ -172,7 +172,7 @@ def bench_simulator(quick: bool = False, days: int | None = None, threads: int =
     if quick:  # a small world on a busy CI core is not a throughput measurement
         targets = targets[1:]
     return BenchResult("simulator", results, config={"profile": profile, "days": days, "threads": threads,
-                                                      "world": world.cfg.to_dict()},
+                                                      "world_config": f"configs/sim/{profile}.yaml"},
                        targets=targets, plots=plots, quick=quick)
 
 

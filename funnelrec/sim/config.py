@@ -239,7 +239,8 @@ class ExtensionConfig:
         server_load_enabled: a diurnal server-load curve with peak periods (CARL).
         uploads_enabled: new items uploaded every day from the item model (DualRec).
         uploads_per_day: how many.
-        push_enabled: push notifications with copy-style sensitivity (PushGen).
+
+    Push notifications (PushGen) need no switch: ``Extensions.push_open_probability`` answers for any push.
     """
 
     questionnaire_enabled: bool = True
@@ -248,7 +249,6 @@ class ExtensionConfig:
     server_load_enabled: bool = False
     uploads_enabled: bool = False
     uploads_per_day: int = 200
-    push_enabled: bool = False
 
 
 @dataclass
