@@ -29,7 +29,8 @@ console = Console(stderr=True)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    # Plain text, never markup or wrapped: the message is one line and may contain brackets from user input.
+    typer.echo(f"error: {' '.join(str(err).split())}", err=True)
     raise typer.Exit(code=2)
 
 
@@ -62,7 +63,7 @@ def simulate(
         if csv:
             from funnelrec.data.loaders.kuairand import write_kuairand_csv
 
-            write_kuairand_csv(sim, out / "csv")
+            write_kuairand_csv({"log": sim.log, "users": sim.users, "videos": sim.videos}, out / "csv")
     except FunnelrecError as err:
         _fail(err)
     log = sim.log

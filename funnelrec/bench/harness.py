@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
@@ -572,6 +573,8 @@ def run_benchmark(
         The ``BenchResult``, with ``name``, ``quick`` and ``command`` set by the harness.
     """
     fn = get_benchmark(name)
+    if "out_dir" in inspect.signature(fn).parameters:  # benchmarks that write plots put them beside the report
+        kwargs.setdefault("out_dir", out_dir)
     result = fn(quick=quick, **kwargs)
     if not isinstance(result, BenchResult):
         raise ConfigError(f"benchmark {name!r} returned {type(result).__name__}, expected BenchResult")

@@ -212,7 +212,7 @@ def gap_closed(m: float, m_pop: float, m_oracle: float) -> float:
     """Share of the popularity-to-oracle gap a model closes: ``(m - m_pop) / (m_oracle - m_pop)``.
 
     0 means no better than the popularity baseline, 1 means as good as the oracle. ``nan`` when the oracle does not
-    beat popularity (denominator 0) or any input is ``nan``.
+    beat popularity (denominator ≤ 0: there is no gap to close) or any input is ``nan``.
 
     Example:
         >>> gap_closed(0.75, 0.5, 1.0)
@@ -220,6 +220,6 @@ def gap_closed(m: float, m_pop: float, m_oracle: float) -> float:
     """
     m, m_pop, m_oracle = float(m), float(m_pop), float(m_oracle)
     den = m_oracle - m_pop
-    if den == 0 or math.isnan(den):
+    if not den > 0:  # also catches nan
         return math.nan
     return (m - m_pop) / den

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from funnelrec.errors import ConfigError
+from funnelrec.errors import ConfigError, DataError
 
 
 class FieldEmbedding(nn.Module):
@@ -36,6 +36,7 @@ class FieldEmbedding(nn.Module):
         self.vocab_sizes = list(vocab_sizes)
         offsets = torch.tensor([0, *vocab_sizes[:-1]], dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("sizes", torch.tensor(vocab_sizes, dtype=torch.int64), persistent=False)
         self.table = nn.Embedding(int(sum(vocab_sizes)), dim, device=device)
         nn.init.normal_(self.table.weight, std=0.05)
 
@@ -44,7 +45,14 @@ class FieldEmbedding(nn.Module):
         return len(self.vocab_sizes)
 
     def forward(self, ids: Tensor) -> Tensor:
-        """ids [..., F] int64 → [..., F, D]."""
+        """ids [..., F] int64 → [..., F, D]. An id outside its field's vocabulary is an error (it would silently
+        read the next field's rows)."""
+        if ids.shape[-1] != self.num_fields:
+            raise DataError(f"expected {self.num_fields} fields in the last dim, got {ids.shape[-1]}", column="ids")
+        bad = (ids < 0) | (ids >= self.sizes)
+        if bad.any():
+            field = int(torch.nonzero(bad)[0, -1])
+            raise DataError(f"field {field}: index out of range [0, {self.vocab_sizes[field]})", column="ids")
         return self.table(ids + self.offsets)
 
     def field_table(self, field: int) -> Tensor:

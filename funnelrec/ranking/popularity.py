@@ -1,7 +1,8 @@
 """The popularity/position-only ranker: the floor every model must clear, and ``m_pop`` of "gap closed".
 
 Per task, a logistic regression on non-personal features only: the item's smoothed training rate of the task
-(as a logit), log item impressions, the display position and the tab. It knows nothing about the user, so the
+(as a logit), log item impressions, the display position and the tab. The rates that the regression is fitted on
+are cross-fitted (counted on the other half of the users), so they carry no row's own label. It knows nothing about the user, so the
 distance between it and the world's oracle is the personal signal there is to learn (DESIGN §7).
 
 Example:
@@ -51,9 +52,15 @@ class PopularityPositionModel:
     _priors: dict[str, float] = field(default_factory=dict, repr=False)
     _weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def _features(self, log: pl.DataFrame, task: str) -> torch.Tensor:
+    def _item_table(self, log: pl.DataFrame) -> pl.DataFrame:
+        return log.group_by("video_id").agg(
+            pl.len().alias("n"), *[pl.col(t).cast(pl.Int64).sum().alias(f"hits_{t}") for t in self.tasks])
+
+    def _features(self, log: pl.DataFrame, task: str, stats: pl.DataFrame | None = None) -> torch.Tensor:
         log = with_position(log)
-        joined = log.select("video_id", "position", "tab").join(self._item_stats, on="video_id", how="left")
+        stats = self._item_stats if stats is None else stats
+        joined = log.select("video_id", "position", "tab").join(stats, on="video_id", how="left",
+                                                                 maintain_order="left")
         n = joined["n"].fill_null(0).to_numpy().astype(np.float64)
         hits = joined[f"hits_{task}"].fill_null(0).to_numpy().astype(np.float64)
         prior = self._priors[task]
@@ -76,12 +83,16 @@ class PopularityPositionModel:
         missing = [t for t in self.tasks if t not in log.columns]
         if missing:
             raise DataError("missing label column", path="train log", column=missing[0])
-        self._item_stats = log.group_by("video_id").agg(
-            pl.len().alias("n"), *[pl.col(t).cast(pl.Int64).sum().alias(f"hits_{t}") for t in self.tasks])
+        self._item_stats = self._item_table(log)
+        # Cross-fitting: each half of the users is described by item rates counted on the other half, so the rate
+        # feature never contains the row's own label (which would inflate its weight and bend the position ones).
+        fold = (log["user_id"] % 2 == 0).to_numpy()
+        halves = [log.filter(pl.Series(fold)), log.filter(pl.Series(~fold))]
+        other = [self._item_table(halves[1]), self._item_table(halves[0])]
         for task in self.tasks:
             self._priors[task] = float(log[task].cast(pl.Float64).mean())
-            x = self._features(log, task)
-            y = torch.tensor(log[task].cast(pl.Float32).to_numpy())
+            x = torch.cat([self._features(h, task, s) for h, s in zip(halves, other) if h.height])
+            y = torch.cat([torch.tensor(h[task].cast(pl.Float32).to_numpy()) for h in halves if h.height])
             self._weights[task] = _fit_logistic(x, y, self.l2)
         return self
 

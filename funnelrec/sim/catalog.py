@@ -123,7 +123,6 @@ class Catalog:
         ids = videos["video_id"].to_numpy()
         if not np.array_equal(ids, np.arange(len(ids))):
             raise DataError("video ids must be 0..I-1 in row order", path="videos", column="video_id")
-        g = torch.Generator().manual_seed(seed)
         tag_lists = videos["tag"].fill_null("unknown").str.split(",").list.head(3)
         flat = tag_lists.explode()
         tag_names = sorted(set(flat.to_list()), key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))
@@ -147,13 +146,15 @@ class Catalog:
         upload_day = (dates - start_date).dt.total_days().to_numpy().astype(np.int64)
 
         d = latent_dim
-        centroids = _unit(torch.randn(len(tag_names), d, generator=g))
-        style = _unit(torch.randn(int(author_index.max()) + 1, d, generator=g))
+        # Row-stable draws: adding items or creators (uploads, larger corpora) never changes the existing ones.
+        centroids = _unit(_rows_randn(len(tag_names), d, seed, stream=1))
+        style = _unit(_rows_randn(int(author_index.max()) + 1, d, seed, stream=2))
         valid = (tags_t >= 0).float()
         mix = (centroids[tags_t.clamp(min=0)] * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
-        noise = torch.randn(videos.height, d, generator=g)
+        noise = _rows_randn(videos.height, d, seed, stream=3)
         latent = _unit(tag_weight * mix + creator_weight * style[author_index_t] + noise_weight * _unit(noise))
-        gumbel = -torch.log(-torch.log(torch.rand(videos.height, generator=g).clamp(1e-6, 1 - 1e-6)))
+        uniform = torch.special.ndtr(_rows_randn(videos.height, 1, seed, stream=4).squeeze(1))
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-6, 1 - 1e-6)))
         quality = quality_scale * (gumbel - 0.5772) / 1.2825  # standardised Gumbel: mean 0, std quality_scale
         return cls(
             videos=videos, author_index=author_index_t, tags=tags_t,
@@ -161,6 +162,16 @@ class Catalog:
             quality=quality.float(), latent=latent.float(), centroids=centroids.float(),
             creator_style=style.float(), tag_names=tag_names,
         )
+
+
+_CHUNK = 1024
+
+
+def _rows_randn(rows: int, cols: int, seed: int, stream: int) -> Tensor:
+    """[rows, cols] standard normals whose first k rows do not depend on ``rows`` (drawn in seeded chunks)."""
+    chunks = [torch.randn(_CHUNK, cols, generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + stream) * 1_000_003 + c)) for c in range((rows + _CHUNK - 1) // _CHUNK)]
+    return torch.cat(chunks)[:rows] if chunks else torch.zeros(0, cols)
 
 
 def _unit(x: Tensor) -> Tensor:

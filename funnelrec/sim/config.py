@@ -376,6 +376,9 @@ def profile(name: str) -> WorldConfig:
 
 
 def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, dict) or dataclasses.is_dataclass(current):
+        raise ConfigError("this key holds a mapping; override its entries one by one (key.sub=value) or use a "
+                          "config file")
     low = text.strip().lower()
     if isinstance(current, bool):
         if low in ("true", "1", "yes", "on"):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from funnelrec.data.schema import NUM_TABS
 from funnelrec.errors import DataError
 from funnelrec.sim.responses import PageState
 
@@ -46,12 +47,16 @@ class Oracle:
         if user.dim() != 1 or items.dim() != 2 or items.shape[0] != user.shape[0]:
             raise DataError(f"expected user [B] and items [B, M], got {list(user.shape)} and {list(items.shape)}",
                             column="items")
+        if user.numel() == 0:
+            raise DataError("no users given", column="user")
         if int(user.min()) < 0 or int(user.max()) >= w.population.num_users:
             raise DataError(f"user index out of range [0, {w.population.num_users})", column="user")
         if int(items.min()) < 0 or int(items.max()) >= w.catalog.num_items:
             raise DataError(f"item index out of range [0, {w.catalog.num_items})", column="items")
         b = user.shape[0]
         tab_t = tab if isinstance(tab, Tensor) else torch.full((b,), int(tab), dtype=torch.int64)
+        if tab_t.shape != (b,) or int(tab_t.min()) < 0 or int(tab_t.max()) >= NUM_TABS:
+            raise DataError(f"tab must be [B] (or one int) with values in [0, {NUM_TABS})", column="tab")
         d = w.catalog.latent.shape[1]
         short = short_term if short_term is not None else torch.zeros(b, d)
         none = torch.full((b, 1), -1, dtype=torch.int64)

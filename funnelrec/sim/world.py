@@ -195,6 +195,8 @@ class World:
         total = int(plan.sum())
         bar = tqdm(total=total, desc=f"simulating {self.cfg.name}", unit="session", disable=not progress)
         session_counter = 0
+        # A session that runs past midnight delays the user's first session of the next day.
+        end_prev = torch.full((self.population.num_users,), -1, dtype=torch.int64)
         for day in range(days):
             available = (self.catalog.upload_day <= day) | (torch.arange(self.catalog.num_items) < self._base_items)
             if hasattr(policy, "set_available"):
@@ -203,7 +205,6 @@ class World:
             counts = plan[day]
             slots = int(counts.max())
             starts = self._planned_starts(counts, slots, day, g)  # [U, slots]
-            end_prev = torch.full((self.population.num_users,), -1, dtype=torch.int64)
             for j in range(slots):
                 user = torch.nonzero(counts > j).squeeze(1)
                 start = torch.maximum(starts[user, j], end_prev[user] + 300_000)

@@ -4,7 +4,10 @@ The log is returned in the schema of :mod:`funnelrec.data.schema` (``LOG_COLUMNS
 those dtypes): the standard-policy files and the random-exposure file concatenated, then sorted stably by
 ``(user_id, time_ms)`` so rows of one request (same user and ``time_ms``) keep their file order (standard files
 first, then the random file). ``is_rand`` is kept as in the files. Simulated logs are written with
-:func:`write_kuairand_csv` and read back unchanged by :func:`load_kuairand`.
+:func:`write_kuairand_csv` and read back by :func:`load_kuairand` with every row and value unchanged; the one
+thing the official file set cannot carry is where a randomly exposed row stood *within* its request (the random
+rows live in their own file), so within a request they come back after the standard rows. funnelrec's own Parquet
+folders keep the order exactly.
 
 Files per version (in ``path`` or in ``path/data``):
 
