@@ -170,7 +170,7 @@ _CHUNK = 1024
 def _rows_randn(rows: int, cols: int, seed: int, stream: int) -> Tensor:
     """[rows, cols] standard normals whose first k rows do not depend on ``rows`` (drawn in seeded chunks)."""
     chunks = [torch.randn(_CHUNK, cols, generator=torch.Generator().manual_seed(
-        (seed * 1_000_003 + stream) * 1_000_003 + c)) for c in range((rows + _CHUNK - 1) // _CHUNK)]
+        ((seed * 1_000_003 + stream) * 1_000_003 + c) % 2**63)) for c in range((rows + _CHUNK - 1) // _CHUNK)]
     return torch.cat(chunks)[:rows] if chunks else torch.zeros(0, cols)
 
 

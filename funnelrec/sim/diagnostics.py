@@ -22,24 +22,29 @@ import torch
 from torch import Tensor
 
 from funnelrec.data.objectives import ACTION_COLUMNS
+from funnelrec.data.schema import DAY_MS, KUAIRAND_START_MS
 from funnelrec.data.timeline import Timelines
-from funnelrec.metrics import auc
+from funnelrec.metrics import gauc
 from funnelrec.sim.world import SimLog, World
 
 
 def history_profile_scores(sim: SimLog, rows: np.ndarray, history: int, timelines: Timelines | None = None,
-                           task: int = 0, smoothing: float = 5.0) -> np.ndarray:
+                           task: int = 0, smoothing: float = 5.0, before_day: bool = True) -> np.ndarray:
     """Score log ``rows`` by the user's personal rate lift on the candidate's primary tag.
 
     From the last ``history`` events before each request: the user's rate of ``task`` (action channel, 0 = click)
-    on impressions of that tag, smoothed towards the population's rate of the tag with ``smoothing``
-    pseudo-impressions, divided by the population's rate. Rates, not counts, so that how often the logging policy
-    *showed* a tag does not pass for taste. [len(rows)] float.
+    on impressions of that tag, relative to what an average-taste user with the same overall rate would show on that
+    tag (smoothed with ``smoothing`` pseudo-impressions). Rates, not counts, so that how often the logging policy
+    *showed* a tag does not pass for taste. With ``before_day`` the history ends at the start of the request's day
+    (Beijing midnight), so today's session intent is not in it: what is left is what persists across days.
+    [len(rows)] float.
     """
     log = sim.log
     timelines = timelines or Timelines.from_log(log)
     users = torch.from_numpy(log["user_id"].to_numpy()[rows])
     times = torch.from_numpy(log["time_ms"].to_numpy()[rows])
+    if before_day:
+        times = KUAIRAND_START_MS + (times - KUAIRAND_START_MS) // DAY_MS * DAY_MS
     hist = timelines.history(users, times, history)
     tags = _primary_tags(sim.videos)
     num_tags = int(tags.max()) + 2
@@ -48,9 +53,13 @@ def history_profile_scores(sim: SimLog, rows: np.ndarray, history: int, timeline
     hist_tag = torch.where(valid, tags[(hist_items - 1).clamp(min=0)], num_tags - 1)
     shown = torch.zeros(users.shape[0], num_tags).scatter_add_(1, hist_tag, valid.float())[:, :-1]
     hits = torch.zeros(users.shape[0], num_tags).scatter_add_(1, hist_tag, hist_actions[..., task] * valid)[:, :-1]
-    overall = (hits.sum(0) + 1.0) / (shown.sum(0) + 2.0)  # the population's rate per tag
-    personal = (hits + smoothing * overall) / (shown + smoothing)
-    lift = personal / overall
+    tag_rate = (hits.sum(0) + 1.0) / (shown.sum(0) + 2.0)  # the population's rate per tag
+    all_rate = (hits.sum() + 1.0) / (shown.sum() + 2.0)
+    user_rate = (hits.sum(1, keepdim=True) + smoothing * all_rate) / (shown.sum(1, keepdim=True) + smoothing)
+    # What this user would do on each tag with average taste: their own overall rate × the tag's relative rate.
+    expected = user_rate * tag_rate / all_rate
+    personal = (hits + smoothing * expected) / (shown + smoothing)
+    lift = personal / expected
     cand_tag = tags[torch.from_numpy(log["video_id"].to_numpy()[rows])]
     return lift.gather(1, cand_tag.unsqueeze(1)).squeeze(1).numpy()
 
@@ -72,7 +81,8 @@ def _primary_tags(videos: pl.DataFrame) -> Tensor:
 
 def history_advantage(sim: SimLog, short: int = 10, long: int = 300, task: str = "is_click",
                       max_rows: int = 200_000, seed: int = 0) -> dict[str, float]:
-    """AUC of the history-profile scorer with short and long histories on the last day's impressions.
+    """User-grouped AUC of the history-profile scorer with short and long histories (both ending at the start of
+    the day) on the last day's impressions.
 
     Returns ``auc_short``, ``auc_long`` and ``advantage`` = auc_long − auc_short.
     """
@@ -83,8 +93,10 @@ def history_advantage(sim: SimLog, short: int = 10, long: int = 300, task: str =
     timelines = Timelines.from_log(log)
     y = log[task].to_numpy()[rows]
     channel = ACTION_COLUMNS.index(task)
-    a_short = auc(history_profile_scores(sim, rows, short, timelines, task=channel), y)
-    a_long = auc(history_profile_scores(sim, rows, long, timelines, task=channel), y)
+    users = log["user_id"].to_numpy()[rows]
+    # Within-user AUC (GAUC): how active a user is overall is not taste, and must not count as the history's merit.
+    a_short = gauc(history_profile_scores(sim, rows, short, timelines, task=channel), y, users)
+    a_long = gauc(history_profile_scores(sim, rows, long, timelines, task=channel), y, users)
     return {"auc_short": a_short, "auc_long": a_long, "advantage": a_long - a_short}
 
 

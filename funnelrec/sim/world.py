@@ -197,6 +197,8 @@ class World:
         session_counter = 0
         # A session that runs past midnight delays the user's first session of the next day.
         end_prev = torch.full((self.population.num_users,), -1, dtype=torch.int64)
+        # The log ends at midnight after the last day: sessions still running then are cut there.
+        horizon = KUAIRAND_START_MS + days * DAY_MS
         for day in range(days):
             available = (self.catalog.upload_day <= day) | (torch.arange(self.catalog.num_items) < self._base_items)
             if hasattr(policy, "set_available"):
@@ -210,7 +212,7 @@ class World:
                 start = torch.maximum(starts[user, j], end_prev[user] + 300_000)
                 ids = torch.arange(session_counter, session_counter + user.shape[0])
                 session_counter += user.shape[0]
-                end = self._run_sessions(user, start, ids, day, policy, g, pages)
+                end = self._run_sessions(user, start, ids, day, policy, g, pages, horizon)
                 end_prev[user] = end
                 bar.update(int(user.shape[0]))
         bar.close()
@@ -224,7 +226,7 @@ class World:
         return t.sort(dim=1).values
 
     def _run_sessions(self, user: Tensor, start: Tensor, session_ids: Tensor, day: int, policy, g: torch.Generator,
-                      pages: list[dict[str, Tensor]]) -> Tensor:
+                      pages: list[dict[str, Tensor]], horizon: int) -> Tensor:
         """Run one session for each of ``user`` ([S]) from ``start`` ([S] ms); append pages; return end times."""
         sc = self.cfg.sessions
         s = user.shape[0]
@@ -238,6 +240,7 @@ class World:
         recent_creators = torch.full((s, w), -1, dtype=torch.int64)
         alive = torch.arange(s)
         for page in range(sc.max_pages):
+            alive = alive[time[alive] < horizon]
             if alive.numel() == 0:
                 break
             u = user[alive]

@@ -25,25 +25,31 @@ def base_sim():
 
 
 def test_long_term_interests_switch_controls_the_long_history_advantage():
-    """Long histories beat short ones for a history-only scorer because of long-term interests; with them off the
-    advantage must (mostly) vanish. Measured: click 0.071 on vs 0.021 off, long_view 0.072 vs -0.003."""
+    """Long histories beat short ones for a history-only scorer (within-user AUC, histories ending before the
+    request's day) because of long-term interests; with them off the advantage must (mostly) vanish.
+
+    The other persistent user-specific effects a tag profile can also pick up (the activity × duration cross, the
+    hidden interest, creator affinity) are off in both arms, so the difference is the long-term interests' alone.
+    Measured: click 0.080 on vs 0.012 off, long_view 0.105 vs 0.029.
+    """
+    isolate = ["responses.duration_effect=false", "interests.hidden_enabled=false", "interests.creator_affinity_std=0"]
     adv = {}
     for enabled in ("true", "false"):
-        sim = World.from_profile("small", ["num_users=1500", "days=8",
+        sim = World.from_profile("small", ["num_users=1500", "days=8", *isolate,
                                            f"interests.long_term_enabled={enabled}"]).simulate(progress=False)
         for task in ("is_click", "long_view"):
             adv[enabled, task] = history_advantage(sim, short=10, long=300, task=task)
     for task in ("is_click", "long_view"):
         on, off = adv["true", task], adv["false", task]
         assert on["auc_long"] > on["auc_short"] > 0.5, (task, on)
-        assert on["advantage"] > 0.04, (task, on)
+        assert on["advantage"] > 0.05, (task, on)
         assert off["advantage"] < on["advantage"] / 2, (task, on, off)
 
 
 def test_satisfaction_aware_policy_keeps_users_watching_longer():
     """The session model's trade-off: greedy watch time tires users (repetition, little like/follow), so a
-    satisfaction-aware policy gets more watch seconds and impressions per session. Measured 931 vs 861 s and
-    34.6 vs 27.9 impressions per session."""
+    satisfaction-aware policy gets more watch seconds and impressions per session. Measured 993 vs 850 s and
+    38.9 vs 28.6 impressions per session."""
     world = World.from_profile("small", ["num_users=1500", "days=2"])
     watch = session_watch_time(world.simulate(progress=False, policy=OracleGreedyPolicy(world, "watch")))
     sat = session_watch_time(world.simulate(progress=False, policy=OracleGreedyPolicy(world, "satisfaction")))
