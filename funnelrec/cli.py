@@ -6,6 +6,9 @@ Commands:
     funnelrec data export-csv SIM_DIR OUT_DIR        a simulated log as the official KuaiRand CSV file set
     funnelrec data info PATH                         what a dataset folder holds (kuairand:/movielens:/recbole:)
     funnelrec bench NAME [--quick] [--json]          benchmarks (``funnelrec bench list`` names them)
+    funnelrec train ranking|retrieval --model NAME --data SPEC [--config YAML] [--name RUN] [key=value ...]
+    funnelrec eval runs/NAME [--split test|valid]    metrics of a trained run (writes runs/NAME/eval_<split>.json)
+    torchrun --nproc_per_node=N -m funnelrec train … the same training, data-parallel (docs/distributed.md)
 
 Every command fails on bad input with a one-line message that names the file, column or option, and exit code 2.
 """
@@ -125,6 +128,90 @@ def bench(
         run_benchmark(name, quick=quick, json_mode=json_mode, write=not no_write, command=command)
     except FunnelrecError as err:
         _fail(err)
+
+
+@app.command()
+def train(
+    stage: str = typer.Argument(..., help="Funnel stage: ranking or retrieval."),
+    overrides: list[str] = typer.Argument(None, help="RunConfig overrides, key=value (train.epochs=1, "
+                                          "train.lr=1e-3, model_args.embed_dim=32, ...)."),
+    model: str = typer.Option(None, "--model", help="Model name in the stage's registry (e.g. shared_bottom)."),
+    data: str = typer.Option(None, "--data", help="sim:small | sim:bench-v1 | kuairand:PATH | movielens:PATH "
+                             "(sim sources take ?key=value&... world overrides)."),
+    config: Path = typer.Option(None, "--config", help="A RunConfig YAML (as in configs/train/)."),
+    name: str = typer.Option(None, "--name", help="Run name: the folder runs/NAME (default: stage-model-time)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue runs/NAME from checkpoints/last.pt."),
+    force: bool = typer.Option(False, "--force", help="Delete an existing runs/NAME and start over."),
+) -> None:
+    """Train a model of a funnel stage into runs/NAME (config.yaml, metrics.jsonl, checkpoints, plots).
+
+    Also runs data-parallel under torchrun: `torchrun --nproc_per_node=N -m funnelrec train ...`.
+    """
+    from funnelrec.config import load_config
+    from funnelrec.train.config import STAGES, RunConfig
+    from funnelrec.train.distributed import destroy_distributed, is_rank0
+    from funnelrec.train.run import load_run_config, train_run
+
+    try:
+        if stage not in STAGES:
+            raise FunnelrecError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        if resume and force:
+            raise FunnelrecError("--resume and --force exclude each other")
+        flags = [f"stage={stage}"] + [f"{k}={v}" for k, v in (("model", model), ("data", data),
+                                                                ("train.run_name", name)) if v is not None]
+        cfg = load_config(RunConfig, config, flags + list(overrides or []))
+        if resume:
+            if not cfg.train.run_name:
+                raise FunnelrecError("--resume needs --name (the run to continue)")
+            run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
+            if (run_dir / "config.yaml").is_file():
+                saved = load_run_config(run_dir, list(overrides or []))
+                for key, given in (("stage", stage), ("model", model), ("data", data)):
+                    if given is not None and getattr(saved, key) != given:
+                        raise FunnelrecError(f"--resume: {run_dir} was trained with {key}={getattr(saved, key)!r}, "
+                                             f"not {given!r}")
+                saved.train.run_name, saved.train.runs_dir = cfg.train.run_name, cfg.train.runs_dir
+                cfg = saved
+        result = train_run(cfg, resume=resume, force=force)
+    except FunnelrecError as err:
+        _fail(err)
+    if is_rank0():
+        metric = cfg.train.metric
+        best = result.best_valid.get(metric)
+        state = "stopped early" if result.stopped_early else ("done" if result.finished else "paused (max_steps)")
+        console.print(f"{state}: {result.global_step:,} steps, best valid {metric} "
+                      f"{best if best is None else f'{best:.4f}'} at epoch {result.best_epoch + 1}, "
+                      f"{result.samples_per_s:,.0f} samples/s → [bold]{result.run_dir}[/]")
+        console.print(f"next: funnelrec eval {result.run_dir} --split test")
+    destroy_distributed()
+
+
+@app.command("eval")
+def eval_run(
+    run: Path = typer.Argument(..., help="A run folder written by `funnelrec train` (runs/NAME)."),
+    split: str = typer.Option("test", "--split", help="test, valid or train."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
+) -> None:
+    """Evaluate a trained run on a split; writes runs/NAME/eval_<split>.json."""
+    import json
+
+    from funnelrec.train.run import evaluate_run, jsonable
+
+    try:
+        out = evaluate_run(run, split=split, checkpoint=checkpoint)
+    except FunnelrecError as err:
+        _fail(err)
+    if json_mode:
+        print(json.dumps(jsonable(out)))
+        return
+    table = Table(title=f"{out['model']} on {out['data']} — {split} ({checkpoint}.pt, epoch {out['epoch'] + 1})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in out["metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+    console.print(f"wrote {Path(run) / f'eval_{split}.json'}")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Shared-Bottom multi-task ranker and its loss: shapes, masks and gradients."""
+"""Shared-Bottom multi-task ranker and its loss: shapes, masks and gradients (the other rankers get the same checks
+in test_rankers.py)."""
 
 from __future__ import annotations
 
@@ -9,40 +10,12 @@ import torch
 
 from funnelrec.data.batch import RequestBatch
 from funnelrec.ranking.shared_bottom import SharedBottom, SharedBottomConfig, multitask_loss
-
-USER_VOCAB, ITEM_VOCAB = [12, 4], [30, 6, 5]
-B, N, M, T = 4, 8, 5, 6
+from ranking_testkit import ITEM_VOCAB, USER_VOCAB, B, M, N, T, make_batch
 
 
 def make_config(**kw) -> SharedBottomConfig:
     return SharedBottomConfig(user_vocab=USER_VOCAB, item_vocab=ITEM_VOCAB, user_dense=2, item_dense=3,
                               bottom=[32, 16], head=8, history_pool=6, **kw)
-
-
-def make_batch(seed: int = 0) -> RequestBatch:
-    """Real ids are >= 1 (0 = padding); hist_len and cand_mask vary per request."""
-    g = torch.Generator().manual_seed(seed)
-    b = RequestBatch.empty(batch_size=B, history=N, candidates=M, tasks=T, user_fields=2, user_dense=2,
-                           item_fields=3, item_dense=3)
-    b.user_sparse = torch.stack([torch.randint(1, v, (B,), generator=g) for v in USER_VOCAB], 1)
-    b.user_dense = torch.randn(B, 2, generator=g)
-    b.hist_len = torch.tensor([0, 3, 6, 8])
-    mask = b.history_mask()
-    b.hist_items = torch.where(mask, torch.randint(1, ITEM_VOCAB[0], (B, N), generator=g), 0)
-    b.hist_actions = (torch.rand(B, N, 7, generator=g) < 0.5).float() * mask.unsqueeze(-1)
-    b.hist_gap_s = torch.rand(B, N, generator=g) * 1000 * mask
-    b.cand_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False], [True] + [False] * 4])
-    cand = torch.stack([torch.randint(1, v, (B, M), generator=g) for v in ITEM_VOCAB], -1)
-    b.cand_sparse = cand * b.cand_mask.unsqueeze(-1)
-    b.cand_items = b.cand_sparse[..., 0].clone()
-    b.cand_dense = torch.randn(B, M, 3, generator=g) * b.cand_mask.unsqueeze(-1)
-    b.tab = torch.tensor([1, 2, 0, 14])
-    b.hour = torch.tensor([0, 12, 23, 7])
-    b.position = torch.arange(M).expand(B, M).clone()
-    b.duration_s = torch.rand(B, M, generator=g) * 60 + 5
-    b.labels = (torch.rand(B, M, T, generator=g) < 0.3).float()
-    b.watch_time_s = torch.rand(B, M, generator=g) * 30
-    return b.validate()
 
 
 @pytest.fixture
@@ -55,10 +28,12 @@ def test_output_shapes_and_probabilities(model):
     batch = make_batch()
     out = model(batch)
     assert out["logits"].shape == (B, M, T)
-    assert out["watch_log1p"].shape == (B, M)
+    assert out["watch"].shape == (B, M)
     p = model.predict(batch)
     assert p.shape == (B, M, T) and ((p > 0) & (p < 1)).all()
     torch.testing.assert_close(p, torch.sigmoid(out["logits"]))
+    assert model.watch_head == "log1p" and model.watch is None  # no debiaser given
+    torch.testing.assert_close(model.predict_watch_time(batch), torch.expm1(out["watch"].clamp(min=0)))
     empty = RequestBatch.empty(batch_size=2, history=0, candidates=3, user_fields=2, user_dense=2, item_fields=3,
                                item_dense=3)
     assert model(empty)["logits"].shape == (2, 3, T)
@@ -114,13 +89,14 @@ def test_multitask_loss_ignores_masked_candidates(model):
     noisy = dataclasses.replace(batch, labels=noisy_labels, watch_time_s=torch.where(pad, 1e4, batch.watch_time_s))
     torch.testing.assert_close(multitask_loss(out, noisy), loss)
     wild = {"logits": torch.where(pad.unsqueeze(-1), 50.0, out["logits"]),
-            "watch_log1p": torch.where(pad, -50.0, out["watch_log1p"])}
+            "watch": torch.where(pad, float("nan"), out["watch"])}
     torch.testing.assert_close(multitask_loss(wild, batch), loss)
     # the value: mean BCE over tasks and real candidates, + 0.1 x MSE of log1p watch seconds
     m = batch.cand_mask
     bce = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"][m], batch.labels[m])
-    mse = ((out["watch_log1p"][m] - torch.log1p(batch.watch_time_s[m])) ** 2).mean()
+    mse = ((out["watch"][m] - torch.log1p(batch.watch_time_s[m])) ** 2).mean()
     torch.testing.assert_close(loss, bce + 0.1 * mse)
+    torch.testing.assert_close(model.loss(out, batch), loss)  # the model's own loss: its log1p head, weight 0.1
     torch.testing.assert_close(multitask_loss(out, batch, watch_weight=0.0), bce)
     no_watch = dataclasses.replace(batch, watch_time_s=None)
     torch.testing.assert_close(multitask_loss(out, no_watch), bce)
@@ -132,19 +108,21 @@ def test_multitask_loss_ignores_masked_candidates(model):
 def test_gradients_reach_exactly_the_embedding_rows_used(model):
     batch = make_batch()
     model.train()
-    multitask_loss(model(batch), batch).backward()
-    grad = model.item_emb.table.weight.grad
+    model.training_loss(batch).backward()
+    inputs = model.inputs
+    grad = inputs.item_emb.table.weight.grad
     touched = set(torch.nonzero(grad.abs().sum(1)).squeeze(1).tolist())
-    offsets = model.item_emb.offsets
+    offsets = inputs.item_emb.offsets
     real = batch.cand_mask
     expected = set((batch.cand_sparse[real] + offsets).flatten().tolist())
     pooled = batch.truncate_history(model.config.history_pool)
     expected |= set(pooled.hist_items[pooled.history_mask()].tolist())  # history shares the item-id rows
     assert touched == expected
     assert 0 not in touched  # the padding row of the item ids gets nothing
-    user_touched = set(torch.nonzero(model.user_emb.table.weight.grad.abs().sum(1)).squeeze(1).tolist())
-    assert user_touched == set((batch.user_sparse + model.user_emb.offsets).flatten().tolist())
+    user_touched = set(torch.nonzero(inputs.user_emb.table.weight.grad.abs().sum(1)).squeeze(1).tolist())
+    assert user_touched == set((batch.user_sparse + inputs.user_emb.offsets).flatten().tolist())
     # every head and the tower learn
     for name, p in model.named_parameters():
         assert p.grad is not None, name
-    assert all(h.net[0].weight.grad.abs().sum() > 0 for h in model.heads)
+    head_grad = model.heads.hidden.weight.grad  # [T + 1, H, head]
+    assert (head_grad.abs().flatten(1).sum(1) > 0).all()
