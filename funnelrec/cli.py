@@ -5,7 +5,7 @@ Commands:
     funnelrec simulate --profile bench-v1 --days 7 --out DIR [key=value ...]
     funnelrec data export-csv SIM_DIR OUT_DIR        a simulated log as the official KuaiRand CSV file set
     funnelrec data info PATH                         what a dataset folder holds (kuairand:/movielens:/recbole:)
-    funnelrec bench NAME [--quick] [--json]          benchmarks (``funnelrec bench list`` names them)
+    funnelrec bench NAME [--quick] [--json] [--data SPEC] [--seeds N]   benchmarks (``funnelrec bench list``)
     funnelrec train ranking|retrieval --model NAME --data SPEC [--config YAML] [--name RUN] [key=value ...]
     funnelrec eval runs/NAME [--split test|valid]    metrics of a trained run (writes runs/NAME/eval_<split>.json)
     torchrun --nproc_per_node=N -m funnelrec train … the same training, data-parallel (docs/distributed.md)
@@ -115,17 +115,30 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A small, fast run (checked in the test suite)."),
     json_mode: bool = typer.Option(False, "--json", help="Print the figures as one flat JSON line, last."),
     no_write: bool = typer.Option(False, "--no-write", help="Do not write docs/results (full runs write)."),
+    data: str = typer.Option(None, "--data", help="Data source of benchmarks that take one: sim:NAME[?k=v], "
+                             "kuairand:PATH or movielens:PATH (default: the benchmark's own)."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds of benchmarks that train models (default: theirs)."),
 ) -> None:
     """Run a benchmark; full runs write docs/results/NAME.json and NAME.md."""
-    from funnelrec.bench import list_benchmarks, run_benchmark
+    import inspect
+
+    from funnelrec.bench import get_benchmark, list_benchmarks, run_benchmark
 
     if name == "list":
         for n in list_benchmarks():
             print(n)
         return
     try:
+        kwargs = {k: v for k, v in (("data", data), ("seeds", seeds)) if v is not None}
+        if kwargs:
+            accepted = inspect.signature(get_benchmark(name)).parameters
+            for key in kwargs:
+                if key not in accepted:
+                    raise FunnelrecError(f"benchmark {name!r} does not take --{key}")
+        if seeds is not None and seeds < 1:
+            raise FunnelrecError(f"--seeds must be >= 1, got {seeds}")
         command = "funnelrec bench " + " ".join(sys.argv[sys.argv.index(name):]) if name in sys.argv else None
-        run_benchmark(name, quick=quick, json_mode=json_mode, write=not no_write, command=command)
+        run_benchmark(name, quick=quick, json_mode=json_mode, write=not no_write, command=command, **kwargs)
     except FunnelrecError as err:
         _fail(err)
 

@@ -150,6 +150,8 @@ class BenchResult:
         plots: PNG paths to embed in the markdown (relative to the results folder, or absolute).
         quick: whether this was a quick (smoke) run; quick runs write no files.
         command: the command line that reproduces the run.
+        summary: markdown placed above the generic results table of the report (e.g. a models x tasks table,
+            notes on the protocol); kept in the JSON document as ``summary``.
     """
 
     name: str
@@ -159,6 +161,7 @@ class BenchResult:
     plots: list[str] = field(default_factory=list)
     quick: bool = False
     command: str = ""
+    summary: str = ""
 
 
 # --------------------------------------------------------------------------------------------------- JSON output
@@ -244,6 +247,7 @@ def result_to_json(result: BenchResult, out_dir: str | os.PathLike = "docs/resul
         "results": results,
         "targets": targets,
         "plots": plots,
+        "summary": result.summary,
     }
 
 
@@ -298,6 +302,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if meta:
         lines += [", ".join(meta) + ".", ""]
     lines += ["## Command", "", "```bash", str(doc.get("command", "")), "```", ""]
+    if doc.get("summary"):
+        lines += [str(doc["summary"]).strip(), ""]
     machine = doc.get("machine") or {}
     if machine:
         lines += ["## Machine", ""]

@@ -2,6 +2,9 @@
 
 * ``split_by_day``: temporal split on the ``date`` column (YYYYMMDD): the last ``test_days`` distinct dates are
   test, the ``valid_days`` before them valid, everything earlier train. Use it for ranking.
+* ``split_by_time``: global temporal split on ``time_ms`` at the quantiles ``1 - valid_frac - test_frac`` and
+  ``1 - test_frac`` of the rows; a request (``user_id, time_ms``) never straddles a cut. Use it for ranking on data
+  whose days are not a natural unit (MovieLens ratings span years).
 * ``leave_last_out``: per-user split for sequential retrieval: each user's last positive interaction (by
   ``time_ms``, then row order) is test, the second to last positive is valid, every other row of the user (earlier
   positives and all non-positive rows) is train. Users with fewer than 3 positives stay train-only.
@@ -69,6 +72,42 @@ def split_by_day(log_df: pl.DataFrame, valid_days: int = 1, test_days: int = 1) 
         "valid": log_df.filter(date.is_in(valid_dates)) if valid_dates else log_df.clear(),
         "test": log_df.filter(date.is_in(test_dates)) if test_dates else log_df.clear(),
     }
+
+
+def split_by_time(log_df: pl.DataFrame, valid_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, pl.DataFrame]:
+    """``{"train", "valid", "test"}`` frames cut on ``time_ms`` so that about ``valid_frac`` / ``test_frac`` of the
+    rows fall in valid / test (the last in time); rows at the same ``time_ms`` stay in one split.
+
+    Example:
+        >>> log = pl.DataFrame({"time_ms": list(range(10)), "user_id": [0] * 10})
+        >>> {k: v.height for k, v in split_by_time(log, 0.2, 0.2).items()}
+        {'train': 6, 'valid': 2, 'test': 2}
+    """
+    for name, frac in (("valid_frac", valid_frac), ("test_frac", test_frac)):
+        if not 0.0 <= frac < 1.0:
+            raise DataError(f"{name} must be in [0, 1), got {frac}", column="time_ms")
+    if valid_frac + test_frac >= 1.0:
+        raise DataError(f"valid_frac + test_frac must be < 1, got {valid_frac} + {test_frac}", column="time_ms")
+    _check_frame(log_df, ("time_ms",))
+    times = log_df.get_column("time_ms")
+    if times.null_count():
+        raise DataError("null timestamps", path="log", column="time_ms")
+    ordered = times.sort()
+    n = len(ordered)
+
+    def cut(frac: float) -> int:  # the first timestamp of the later split (rows at it move there whole)
+        k = min(n - 1, max(0, int(round(n * (1.0 - frac)))))
+        return int(ordered[k]) if frac > 0 else int(ordered[-1]) + 1
+
+    test_from, valid_from = cut(test_frac), cut(valid_frac + test_frac)
+    t = pl.col("time_ms")
+    parts = {"train": log_df.filter(t < valid_from), "valid": log_df.filter((t >= valid_from) & (t < test_from)),
+             "test": log_df.filter(t >= test_from)}
+    for name, frac in (("train", 1.0), ("valid", valid_frac), ("test", test_frac)):
+        if frac > 0 and parts[name].height == 0:
+            raise DataError(f"split {name!r} is empty: {n} rows cannot be cut at valid_frac={valid_frac}, "
+                            f"test_frac={test_frac}", path="log", column="time_ms")
+    return parts
 
 
 def leave_last_out(log_df: pl.DataFrame, positive: str = "is_click") -> dict[str, pl.DataFrame]:
