@@ -1,5 +1,5 @@
-"""Multi-task rankers: the baselines (Shared-Bottom, MMoE, PLE, DIN, DCNv2), their registry, and the
-popularity/position-only floor.
+"""Multi-task rankers: the baselines (Shared-Bottom, MMoE, PLE, DIN, DCNv2, a plain Transformer encoder), the paper
+models (RankMixer, LONGER), their registry, and the popularity/position-only floor.
 
 Every ranker reads the same ``RankingInputs`` (same feature spec, same embedding tables) and follows the contract of
 ``funnelrec.ranking.base``: ``forward(batch) -> {"logits": [B, M, T], "watch": [B, M]}``, ``predict``,
@@ -15,7 +15,7 @@ Example:
     >>> type(model).__name__, model.config.num_experts, model.config.item_vocab
     ('MMoE', 2, [4])
     >>> sorted(RANKERS)
-    ['dcnv2', 'din', 'mmoe', 'ple', 'shared_bottom']
+    ['dcnv2', 'din', 'longer', 'mmoe', 'ple', 'rankmixer', 'shared_bottom', 'transformer']
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ from funnelrec.ranking.base import MultiTaskRanker, RankerConfig
 from funnelrec.ranking.budget import count_params, count_params_flops
 from funnelrec.ranking.dcnv2 import DCNv2, DCNv2Config
 from funnelrec.ranking.din import DIN, DINConfig
+from funnelrec.ranking.longer import Longer, LongerConfig
 from funnelrec.ranking.inputs import RankingFeatures, RankingInputs
 from funnelrec.ranking.losses import multitask_loss
 from funnelrec.ranking.mmoe import MMoE, MMoEConfig
 from funnelrec.ranking.ple import PLE, PLEConfig
+from funnelrec.ranking.rankmixer import RankMixer, RankMixerConfig
 from funnelrec.ranking.shared_bottom import SharedBottom, SharedBottomConfig
+from funnelrec.ranking.transformer import TransformerRankerConfig, TransformerRanker
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
 
 #: name -> (config dataclass, model class) of every neural ranker.
@@ -45,6 +48,9 @@ RANKERS: dict[str, tuple[type[RankerConfig], type[MultiTaskRanker]]] = {
     "ple": (PLEConfig, PLE),
     "din": (DINConfig, DIN),
     "dcnv2": (DCNv2Config, DCNv2),
+    "rankmixer": (RankMixerConfig, RankMixer),
+    "longer": (LongerConfig, Longer),
+    "transformer": (TransformerRankerConfig, TransformerRanker),
 }
 
 #: Config fields filled from the feature spec and the objective registry.
@@ -88,5 +94,6 @@ __all__ = [
     "RANKERS", "SPEC_FIELDS", "build_ranker", "ranker_config",
     "RankerConfig", "MultiTaskRanker", "RankingInputs", "RankingFeatures",
     "SharedBottom", "SharedBottomConfig", "MMoE", "MMoEConfig", "PLE", "PLEConfig", "DIN", "DINConfig",
-    "DCNv2", "DCNv2Config", "WatchTimeDebiaser", "multitask_loss", "count_params", "count_params_flops",
+    "DCNv2", "DCNv2Config", "RankMixer", "RankMixerConfig", "Longer", "LongerConfig", "TransformerRanker",
+    "TransformerRankerConfig", "WatchTimeDebiaser", "multitask_loss", "count_params", "count_params_flops",
 ]

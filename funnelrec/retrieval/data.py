@@ -12,7 +12,8 @@ Protocol (RecBole's leave-one-out for sequential recommendation, with funnelrec'
   **train** positive. Users with fewer than 3 positives only contribute train positives.
 * **History** of a target at time t = the user's positives with ``time_ms < t`` (strictly before: a positive on the
   same page / in the same second is not history), the most recent ``max_len`` of them, left-padded. The test
-  target's history therefore includes the valid target.
+  target's history therefore includes the valid target, unless both share a timestamp (two clicks on one page,
+  two MovieLens ratings in one second; RecBole, which orders ties by file order, would count it).
 * **Exclusion.** Full-corpus ranking leaves out every item of the target's *whole* history (not only the last
   ``max_len``): :meth:`RetrievalData.exclude_mask`. Item index 0 (padding) is never a candidate (models score it
   ``-inf``).

@@ -9,7 +9,9 @@ from funnelrec.ranking import RANKERS
 
 USER_VOCAB, ITEM_VOCAB = [12, 4], [30, 6, 5]
 B, N, M, T = 4, 8, 5, 6
-RANKER_NAMES = ("shared_bottom", "mmoe", "ple", "din", "dcnv2")
+#: the classic baselines (matched budgets, DESIGN §7) and every registered ranker.
+BASELINE_NAMES = ("shared_bottom", "mmoe", "ple", "din", "dcnv2")
+RANKER_NAMES = (*BASELINE_NAMES, "rankmixer", "longer", "transformer")
 #: small sizes for the unit tests (every model at the same tiny scale)
 SMALL = {
     "shared_bottom": {"bottom": [32, 16]},
@@ -17,6 +19,9 @@ SMALL = {
     "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 2, "expert_dims": [16]},
     "din": {"tower": [32, 16], "attention_hidden": [8]},
     "dcnv2": {"cross_layers": 2, "low_rank": 8, "deep": [32, 16]},
+    "rankmixer": {"dim": 12, "ffn_mult": 2},
+    "longer": {"dim": 8, "heads": 2, "num_queries": 4, "merge_k": 2},
+    "transformer": {"dim": 8, "heads": 2, "num_layers": 2},
 }
 
 

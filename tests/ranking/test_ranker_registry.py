@@ -12,7 +12,7 @@ from funnelrec.ranking import (RANKERS, MultiTaskRanker, RankerConfig, build_ran
                                count_params_flops, ranker_config)
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
 from funnelrec.sim.catalog import real_table
-from ranking_testkit import RANKER_NAMES
+from ranking_testkit import BASELINE_NAMES, RANKER_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
     cfg = ranker_config(name, spec)
     assert cfg.user_vocab == spec.vocab_sizes("user_sparse") and cfg.item_vocab == spec.vocab_sizes("item_sparse")
     assert (cfg.user_dense, cfg.item_dense, cfg.num_tasks, cfg.embed_dim) == (4, 2, 6, 16)
-    assert cfg.history_pool == 100
+    assert cfg.history_pool == (256 if name in ("longer", "transformer") else 100)  # sequence models read more
     model = build_ranker(name, spec, embed_dim=8, head=4)
     assert isinstance(model, RANKERS[name][1]) and model.config.embed_dim == 8 and model.config.head == 4
     assert model(batch)["logits"].shape == (8, 1, 6)
@@ -56,8 +56,8 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
 
 
 def test_registry_errors_name_the_problem(spec):
-    with pytest.raises(ConfigError, match=r"unknown ranker 'xgboost'; valid rankers: dcnv2, din, mmoe, ple, "
-                                          r"shared_bottom"):
+    with pytest.raises(ConfigError, match=r"unknown ranker 'xgboost'; valid rankers: dcnv2, din, longer, mmoe, "
+                                          r"ple, rankmixer, shared_bottom, transformer"):
         build_ranker("xgboost", spec)
     with pytest.raises(ConfigError, match=r"unknown option 'num_expert' for ranker 'mmoe'.*num_experts"):
         build_ranker("mmoe", spec, num_expert=3)
@@ -73,7 +73,7 @@ def test_default_configs_match_budgets(spec, batch):
     """Same embedding tables; dense parameters and forward+backward FLOPs per sample within ±20% of
     Shared-Bottom's (DESIGN §7)."""
     costs = {}
-    for name in RANKER_NAMES:
+    for name in (*BASELINE_NAMES, "rankmixer"):
         torch.manual_seed(0)
         costs[name] = count_params_flops(build_ranker(name, spec), batch)
     ref = costs["shared_bottom"]

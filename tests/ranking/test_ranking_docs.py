@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["funnelrec.ranking", "funnelrec.ranking.inputs", "funnelrec.ranking.base", "funnelrec.ranking.losses",
            "funnelrec.ranking.watch_time", "funnelrec.ranking.budget", "funnelrec.ranking.shared_bottom",
-           "funnelrec.ranking.mmoe", "funnelrec.ranking.ple", "funnelrec.ranking.din", "funnelrec.ranking.dcnv2"]
+           "funnelrec.ranking.mmoe", "funnelrec.ranking.ple", "funnelrec.ranking.din", "funnelrec.ranking.dcnv2",
+           "funnelrec.ranking.rankmixer", "funnelrec.ranking.longer", "funnelrec.ranking.transformer"]
 
 
 @pytest.mark.parametrize("module", MODULES)
