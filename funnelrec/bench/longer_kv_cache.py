@@ -115,7 +115,8 @@ def bench_longer_kv_cache(quick: bool = False, candidates: int | None = None, hi
                           f"{chunk}, {repeats}")
     torch.manual_seed(seed)
     config = LongerConfig(user_vocab=USER_VOCAB, item_vocab=ITEM_VOCAB, user_dense=USER_DENSE,
-                          item_dense=ITEM_DENSE, num_actions=ACTIONS, history_pool=n, num_queries=k)
+                          item_dense=ITEM_DENSE, num_actions=ACTIONS, history_pool=n, num_queries=k,
+                          train_path="per_candidate")  # the independent reference: one token set per candidate
     model = Longer(config).eval()
     request = make_request(n, m, seed)
     real = request.cand_mask

@@ -196,7 +196,8 @@ def train_config(lr: float, epochs: int, batch_size: int, seed: int) -> TrainCon
 
 def fit_model(name: str, data: RankingData, lr: float, epochs: int, batch_size: int, seed: int,
               model_args: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one model with early stopping on the valid mean AUC; returns the model (best epoch) and facts."""
+    """Train one model with early stopping on the valid mean AUC; returns the model (best epoch) and facts
+    (``valid_auc_mean``, ``best_epoch``, ``train_s``, ``epochs_run``, ``samples_per_s``)."""
     seed_everything(seed)
     model = build_model(name, data, model_args)
     cfg = train_config(lr, epochs, batch_size, seed)
@@ -208,7 +209,7 @@ def fit_model(name: str, data: RankingData, lr: float, epochs: int, batch_size: 
     result = trainer.fit()
     return model, {"valid_auc_mean": float(result.best_valid.get("auc_mean", math.nan)),
                    "best_epoch": int(result.best_epoch), "train_s": time.perf_counter() - t0,
-                   "epochs_run": len(result.history)}
+                   "epochs_run": len(result.history), "samples_per_s": float(result.samples_per_s)}
 
 
 def loader_throughput(name: str, data: RankingData, batch_size: int, steps: int, rounds: int,
@@ -253,7 +254,7 @@ def _take(it, n: int):
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
     if arr.size == 0:
         return math.nan, math.nan
@@ -402,7 +403,7 @@ def bench_ranking_baselines(quick: bool = False, data: str | None = None, seeds:
                                                with_watch=rd.has_watch), rd, seed=i)
                     for i, (m, _) in enumerate(runs)]
         for key in per_seed[0]:
-            mean, std = _mean_std([s[key] for s in per_seed])
+            mean, std = mean_std([s[key] for s in per_seed])
             res[f"{name}.{key}"], res[f"{name}.{key}.std"] = mean, std
         res[f"{name}.lr"] = lr
         res[f"{name}.valid_auc_mean"] = best[0]
@@ -450,5 +451,6 @@ def _aggregate(res: dict[str, Any], models: list[str], rd: RankingData) -> None:
     res["min_loader_ratio"] = float(min(res[f"{m}.loader_ratio"] for m in models)) if models else math.nan
 
 
-__all__ = ["MODELS", "LR_GRID", "RankingData", "bench_ranking_baselines", "load_ranking_data", "loader_throughput",
-           "oracle_scores", "popularity_scores", "predict_split", "score_split"]
+__all__ = ["MODELS", "LR_GRID", "RankingData", "bench_ranking_baselines", "build_model", "fit_model",
+           "load_ranking_data", "loader_throughput", "mean_std", "oracle_scores", "popularity_scores", "predict_split",
+           "score_split"]

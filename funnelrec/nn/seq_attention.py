@@ -5,11 +5,14 @@ Pieces, smallest first:
 
 * ``masked_attention(q, k, v, mask)``: ``F.scaled_dot_product_attention`` with a boolean mask [B, Q, K]
   (``funnelrec.nn.masks``); a query row with no allowed key gets a zero output instead of NaN.
-* ``split_key_attention``: the serving kernel. Per-candidate queries [B, h, M, G, dh] attend to their own keys
-  [B, h, M, G', dh] *and* to keys shared by all M candidates of a request [B, h, S, dh] (the cached user sequence),
-  with one softmax over both, without copying the shared keys M times: the M·G queries of a request run against
-  the shared keys in one flash-attention call (``attention_with_lse``), and the two partial softmaxes are merged
-  through their log-sum-exps.
+* ``split_key_attention``: the per-request kernel. Per-candidate queries [B, h, M, G, dh] attend to their own
+  keys [B, h, M, G', dh] *and* to keys shared by all M candidates of a request [B, h, S, dh] (the user sequence),
+  with one softmax over both, without copying the shared keys M times. Two implementations, chosen per call:
+  without autograd (serving, ``no_grad`` / ``inference_mode``) the M·G queries of a request run against the shared
+  keys in one flash-attention call (``attention_with_lse``) and the two partial softmaxes are merged through their
+  log-sum-exps; that private kernel returns a log-sum-exp without a gradient, so whenever a gradient is needed (or
+  attention dropout is on) ``split_key_attention_autograd`` runs instead: plain matmuls, the own and shared scores
+  concatenated into one masked softmax — built from differentiable ops only, so its backward is exact.
 * ``SeqAttentionLayer``: a pre-norm (RMSNorm) multi-head attention + SiLU FFN block whose queries and keys may be
   different token sets (cross attention) and which exposes its ``queries`` / ``keys_values`` / ``finish`` steps,
   so a cached path can run the same weights in a different order.
@@ -21,9 +24,18 @@ Pieces, smallest first:
 * ``CrossCausalEncoder``: LONGER's stack: one cross-causal layer (queries = global tokens + k sampled sequence
   tokens; keys = global + all sequence tokens), then N self-causal layers over the m + k tokens. Mask rule of
   ``funnelrec.nn.masks`` in every layer: sequence tokens see only earlier-or-equal sequence tokens, never a global
-  token; global tokens see everything valid. ``forward`` is the training path (one full token set per
-  (request, candidate) row, SDPA); ``encode`` + ``decode`` is the serving path: the sequence-side K/V of every layer
-  are computed once per request (``SeqKVCache``) and only the m global tokens of each candidate are run.
+  token; global tokens see everything valid. Because the sequence side never reads a global token it is
+  candidate-independent, and there are two ways to run the stack:
+
+  - ``forward``, *per candidate* (the naive reference): one full token set ``[G; S]`` per (request, candidate) row,
+    SDPA; the sequence work is repeated M times.
+  - *per request*: ``encode`` runs the sequence side once per request and returns the sequence-side K/V of every
+    layer (``SeqKVCache``); ``decode`` runs only the m global tokens of each candidate against them
+    (``SeqAttentionLayer.forward_split``). ``forward_per_request = decode ∘ encode`` is differentiable (the
+    serving path is the same two calls under ``no_grad``, where ``split_key_attention`` takes the flash kernel);
+    it equals ``forward`` to float round-off, outputs and gradients
+    (``tests/nn/test_seq_attention.py``). With dropout the two differ in the draws only: per request, the
+    sequence-side states (and their dropout masks) are shared by the M candidates of a request.
 
 FLOP counting: PyTorch's ``FlopCounterMode`` knows the CUDA attention kernels but counts the CPU flash-attention
 kernel (what SDPA runs on CPU) as zero. Importing this module registers the standard SDPA formulas (forward and
@@ -35,10 +47,12 @@ Example:
     >>> enc = CrossCausalEncoder(dim=8, heads=2, num_self_layers=1, num_queries=3).eval()
     >>> glob, seq = torch.randn(2, 4, 2, 8), torch.randn(2, 6, 8)      # [B, M, G, D] globals, [B, S, D] sequence
     >>> valid = torch.tensor([[True] * 6, [False] * 2 + [True] * 4])    # left-padded
-    >>> out = enc(glob, seq, valid)                                      # training path: [B, M, G, D]
-    >>> cached = enc.decode(glob, enc.encode(seq, valid))                # serving path, same weights
-    >>> out.shape, bool((out - cached).abs().max() < 1e-5)
-    (torch.Size([2, 4, 2, 8]), True)
+    >>> out = enc(glob, seq, valid)                                      # per candidate: [B, M, G, D]
+    >>> shared = enc.forward_per_request(glob, seq, valid)               # per request, differentiable
+    >>> with torch.no_grad():
+    ...     cached = enc.decode(glob, enc.encode(seq, valid))            # serving path, same weights
+    >>> out.shape, bool((out - shared).abs().max() < 1e-5), bool((out - cached).abs().max() < 1e-5)
+    (torch.Size([2, 4, 2, 8]), True, True)
 """
 
 from __future__ import annotations
@@ -115,6 +129,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[
 
     On CPU this is PyTorch's flash-attention kernel (the one ``F.scaled_dot_product_attention`` runs, called
     directly because the public function does not return the log-sum-exp); elsewhere a plain matmul reference.
+    The private kernel's log-sum-exp carries **no gradient** (autograd treats it as a constant), so this is a
+    forward-only building block: ``split_key_attention`` does not use it when a gradient is needed.
 
     Args:
         q: [B, h, Q, dh].  k, v: [B, h, S, dh].
@@ -147,19 +163,26 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> tuple[
 
 
 def split_key_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor,
-                        shared_valid: Tensor) -> Tensor:
-    """One softmax over per-candidate keys and keys shared by the request's candidates (the KV-cache kernel).
+                        shared_valid: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """One softmax over per-candidate keys and keys shared by the request's candidates (the per-request kernel).
 
     Equal to ``masked_attention`` over the concatenated keys ``[own; shared]`` of every candidate (own keys always
-    valid, shared keys valid where ``shared_valid``), but the shared keys are read once per request: all M·G queries
-    of a request attend to them in one flash-attention call (``attention_with_lse``), the few own keys are a small
-    batched matmul, and the two partial softmaxes are merged by their log-sum-exps.
+    valid, shared keys valid where ``shared_valid``), but the shared keys are read once per request, never copied
+    M times. Two implementations:
+
+    * no gradient needed (no autograd, or no input requiring one) and no dropout — serving: all M·G queries of a
+      request attend to the shared keys in one flash-attention call (``attention_with_lse``), the few own keys are
+      a small batched matmul, and the two partial softmaxes are merged by their log-sum-exps. Fast, but the private
+      kernel's log-sum-exp has no gradient, so this branch is never taken under autograd.
+    * otherwise ``split_key_attention_autograd`` (plain matmuls, one softmax over the concatenated scores; exact
+      backward).
 
     Args:
         q: [B, h, M, G, dh] queries of the M candidates.
         k_own, v_own: [B, h, M, G', dh] each candidate's own keys and values (G' ≥ 1).
         k_shared, v_shared: [B, h, S, dh] keys and values shared by all M candidates.
         shared_valid: [B, S] bool.
+        dropout_p: dropout on the attention weights (training), as SDPA's ``dropout_p``.
 
     Returns:
         [B, h, M, G, dh].
@@ -175,6 +198,9 @@ def split_key_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tenso
         >>> out.shape, torch.allclose(out, ref @ keys, atol=1e-5)
         (torch.Size([1, 2, 3, 2, 4]), True)
     """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_own, v_own, k_shared, v_shared))
+    if needs_grad or dropout_p > 0:
+        return split_key_attention_autograd(q, k_own, v_own, k_shared, v_shared, shared_valid, dropout_p)
     b, h, m, g, dh = q.shape
     out_sh, lse_sh = attention_with_lse(q.reshape(b, h, m * g, dh), k_shared, v_shared, shared_valid)
     out_sh, lse_sh = out_sh.view(b, h, m, g, -1), lse_sh.view(b, h, m, g)
@@ -183,6 +209,41 @@ def split_key_attention(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tenso
     out_own = torch.exp(s_own - lse_own.unsqueeze(-1)) @ v_own
     lse = torch.logaddexp(lse_sh, lse_own)
     return out_sh * torch.exp(lse_sh - lse).unsqueeze(-1) + out_own * torch.exp(lse_own - lse).unsqueeze(-1)
+
+
+def split_key_attention_autograd(q: Tensor, k_own: Tensor, v_own: Tensor, k_shared: Tensor, v_shared: Tensor,
+                                 shared_valid: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """``split_key_attention`` from differentiable ops only (the training kernel of the per-request path).
+
+    The scores of the own keys [B, h, M, G, G'] and of the shared keys (one [B, h, M·G, S] matmul per request, the
+    shared keys read once) are concatenated, masked (padding of the shared keys) and go through one softmax; the
+    weights are split again and multiply the own and the shared values. The own keys are always valid, so every
+    row has a key and nothing becomes NaN; padded shared keys get weight 0 and gradient 0.
+
+    Args: as ``split_key_attention``; ``dropout_p`` drops attention weights (as SDPA does).
+
+    Example:
+        >>> import torch
+        >>> q, ko = torch.randn(1, 2, 3, 2, 4, requires_grad=True), torch.randn(1, 2, 3, 2, 4)
+        >>> ks, valid = torch.randn(1, 2, 5, 4), torch.tensor([[False, True, True, True, True]])
+        >>> out = split_key_attention_autograd(q, ko, ko, ks, ks, valid)
+        >>> with torch.no_grad():
+        ...     fast = split_key_attention(q, ko, ko, ks, ks, valid)
+        >>> out.requires_grad, torch.allclose(out, fast, atol=1e-5)
+        (True, True)
+    """
+    b, h, m, g, dh = q.shape
+    s, g_own = k_shared.shape[-2], k_own.shape[-2]
+    scale = 1.0 / math.sqrt(dh)
+    s_own = (q @ k_own.transpose(-1, -2)) * scale  # [B, h, M, G, G']
+    bias = torch.zeros(b, 1, 1, 1, s, dtype=q.dtype, device=q.device).masked_fill(
+        ~shared_valid.view(b, 1, 1, 1, s), float("-inf"))  # padding of the shared keys (an add: cheap backward)
+    s_sh = (q.reshape(b, h, m * g, dh) @ k_shared.transpose(-1, -2)).view(b, h, m, g, s) * scale + bias
+    p = torch.softmax(torch.cat([s_own, s_sh], -1), -1)  # [B, h, M, G, G' + S]
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out_sh = (p[..., g_own:].reshape(b, h, m * g, s) @ v_shared).view(b, h, m, g, v_shared.shape[-1])
+    return p[..., :g_own] @ v_own + out_sh
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -199,7 +260,8 @@ class SeqAttentionLayer(nn.Module):
 
     ``forward(x, mask, context=None)``: x [B, Q, D] queries, ``context`` [B, K, D] keys/values (default x),
     ``mask`` [B, Q, K] bool → [B, Q, D]. ``forward_split(x, k_shared, v_shared, shared_valid)`` runs the global
-    tokens x [B, M, G, D] of M candidates against their own K/V and the request's shared (cached) K/V.
+    tokens x [B, M, G, D] of M candidates against their own K/V and the request's shared (sequence-side) K/V —
+    differentiable, with the same attention dropout as ``forward`` in training mode.
 
     Example:
         >>> import torch
@@ -248,10 +310,12 @@ class SeqAttentionLayer(nn.Module):
     def forward_split(self, x: Tensor, k_shared: Tensor, v_shared: Tensor, shared_valid: Tensor) -> Tensor:
         """x [B, M, G, D] global tokens of M candidates; shared K/V [B, h, S, dh] and validity [B, S] → [B, M, G, D].
 
-        The global tokens attend to each other (within their candidate) and to every valid shared key."""
+        The global tokens attend to each other (within their candidate) and to every valid shared key
+        (``split_key_attention``: the flash kernel when no gradient is needed, the autograd one otherwise)."""
         q = self.queries(x).transpose(1, 2)  # [B, h, M, G, dh]
         k, v = (t.transpose(1, 2) for t in self.keys_values(x))
-        out = split_key_attention(q, k, v, k_shared, v_shared, shared_valid)  # [B, h, M, G, dh]
+        p = self.dropout.p if self.training else 0.0
+        out = split_key_attention(q, k, v, k_shared, v_shared, shared_valid, dropout_p=p)  # [B, h, M, G, dh]
         return self.finish(x, out.transpose(1, 2))
 
 
@@ -407,15 +471,15 @@ class CrossCausalEncoder(nn.Module):
         return x, TokenLayout.sequence(seq_valid.gather(1, idx), idx)
 
     def forward(self, glob: Tensor, seq: Tensor, seq_valid: Tensor) -> Tensor:
-        """Training path: glob [B, M, G, D] (per candidate), seq [B, S, D], seq_valid [B, S] → glob [B, M, G, D].
+        """Per-candidate path (the naive reference): glob [B, M, G, D], seq [B, S, D], seq_valid [B, S] → glob
+        [B, M, G, D].
 
         Every (request, candidate) pair is its own token set ``[G; S]`` (the sequence is repeated M times), run with
-        SDPA under the masks of ``funnelrec.nn.masks``."""
+        SDPA under the masks of ``funnelrec.nn.masks``. ``forward_per_request`` computes the same, once per
+        request."""
         b, m, g, d = glob.shape
         s = seq.shape[1]
-        if seq.shape[0] != b or seq_valid.shape != (b, s):
-            raise DataError(f"expected seq [B={b}, S, D] and seq_valid [B, S], got {list(seq.shape)} and "
-                            f"{list(seq_valid.shape)}", column="seq")
+        self._check_inputs(glob, seq, seq_valid)
         q_seq, q_layout = self.sequence_queries(seq, seq_valid)
         r = b * m
         rows = lambda t: t.unsqueeze(1).expand(b, m, *t.shape[1:]).reshape(r, *t.shape[1:])  # noqa: E731
@@ -430,8 +494,25 @@ class CrossCausalEncoder(nn.Module):
             x = layer(x, self_mask)
         return x[:, :g].view(b, m, g, d)
 
+    @staticmethod
+    def _check_inputs(glob: Tensor, seq: Tensor, seq_valid: Tensor) -> None:
+        b = glob.shape[0]
+        if glob.dim() != 4 or seq.dim() != 3 or seq.shape[0] != b or seq_valid.shape != seq.shape[:2]:
+            raise DataError(f"expected glob [B, M, G, D], seq [B={b}, S, D] and seq_valid [B, S], got "
+                            f"{list(glob.shape)}, {list(seq.shape)} and {list(seq_valid.shape)}", column="seq")
+
+    def forward_per_request(self, glob: Tensor, seq: Tensor, seq_valid: Tensor) -> Tensor:
+        """Per-request path, differentiable: the same inputs and output as ``forward``, but the sequence side runs
+        once per request (``encode``) and only the M·G global tokens per request run against it (``decode``).
+
+        Under autograd the global tokens use ``split_key_attention_autograd`` (exact backward); without it this is
+        the serving computation."""
+        self._check_inputs(glob, seq, seq_valid)
+        return self.decode(glob, self.encode(seq, seq_valid))
+
     def encode(self, seq: Tensor, seq_valid: Tensor) -> SeqKVCache:
-        """Serving, once per request: seq [B, S, D], seq_valid [B, S] → the sequence-side K/V of every layer."""
+        """Once per request: seq [B, S, D], seq_valid [B, S] → the sequence-side K/V of every layer (differentiable;
+        serving calls it under ``no_grad`` and keeps the result as the cache)."""
         k0, v0 = self.cross.keys_values(seq)
         keys, values, valid = [k0], [v0], [seq_valid]
         x, q_layout = self.sequence_queries(seq, seq_valid)
@@ -447,7 +528,8 @@ class CrossCausalEncoder(nn.Module):
         return SeqKVCache(keys, values, valid)
 
     def decode(self, glob: Tensor, cache: SeqKVCache) -> Tensor:
-        """Serving, per candidate: glob [B, M, G, D] → [B, M, G, D], reading the sequence side from ``cache``."""
+        """Per candidate: glob [B, M, G, D] → [B, M, G, D], reading the sequence side from ``cache``
+        (differentiable with respect to both)."""
         if cache.batch_size != glob.shape[0] or len(cache.keys) != len(self.layers) + 1:
             raise DataError(f"the cache holds {cache.batch_size} requests and {len(cache.keys)} layers; the "
                             f"candidates have {glob.shape[0]} requests and the encoder {len(self.layers) + 1} "
@@ -458,4 +540,5 @@ class CrossCausalEncoder(nn.Module):
 
 
 __all__ = ["MERGE_MODES", "QUERY_SAMPLING", "masked_attention", "attention_with_lse", "split_key_attention",
+           "split_key_attention_autograd",
            "SeqAttentionLayer", "TokenMerge", "sample_query_index", "SeqKVCache", "CrossCausalEncoder"]

@@ -15,9 +15,21 @@ Every layer uses the mask of ``funnelrec.nn.masks``: sequence tokens attend only
 their position and never to a global token; global tokens attend to everything valid; padding is never attended.
 So everything on the sequence side is candidate-independent: ``encode_user(batch)`` computes the sequence-side K/V
 of every layer once per request (``LongerCache``) and ``score_with_cache(cache, batch)`` runs only the m global
-tokens of each candidate against it. ``forward`` (training) computes the same thing without a cache: every
-(request, candidate) pair is its own token set, run through ``F.scaled_dot_product_attention``; the two paths agree
-to float32 round-off (``tests/ranking/test_longer.py``; ``funnelrec bench longer-kv-cache``).
+tokens of each candidate against it (serving, ``no_grad``).
+
+``forward`` (training) has two paths, chosen by ``LongerConfig.train_path``:
+
+* ``"per_request"`` (default): the same split as serving, differentiable
+  (``CrossCausalEncoder.forward_per_request``): the history is encoded once per request and the M candidates' global
+  tokens attend to its K/V without copying it; under autograd the global-token attention is plain matmuls with one
+  softmax over [own global keys; sequence keys] (exact backward — the serving kernel's log-sum-exp has no gradient),
+  without autograd it is the serving kernel. The sequence work is paid once per request instead of M times.
+* ``"per_candidate"``: the naive reference: every (request, candidate) pair is its own token set (the history
+  repeated M times), run through ``F.scaled_dot_product_attention`` (``CrossCausalEncoder.forward``).
+
+All paths agree to float32 round-off, outputs and parameter gradients (``tests/ranking/test_longer.py``;
+``funnelrec bench longer-kv-cache``). With dropout they differ in the random draws only: per request, the
+sequence-side states and their dropout masks are shared by the request's candidates.
 
 What is the paper's and what is ours:
 
@@ -47,7 +59,8 @@ causal mask (the note's formula looks  sequence query at position i sees sequenc
 transposed)                            tokens; global queries see all (``funnelrec.nn.masks``)
 N self-causal layers, concat → MLP     pre-RMSNorm attention + SiLU FFN blocks; the output is the candidate and CLS
                                        token states (not every token), then the shared ``TaskHeads``
-KV cache at serving                    ``encode_user`` / ``score_with_cache`` (above)
+KV cache at serving                    ``encode_user`` / ``score_with_cache`` (above); training shares the sequence
+                                       side per request the same way (``train_path``, above)
 mixed precision, recomputation,        not here (CPU-first); the model runs in any float dtype
 GPU-resident embeddings
 =====================================  =================================================================================
@@ -80,6 +93,8 @@ from funnelrec.nn.seq_attention import MERGE_MODES, QUERY_SAMPLING, CrossCausalE
 from funnelrec.ranking.base import MultiTaskRanker, RankerConfig, TaskHeads
 from funnelrec.ranking.inputs import MAX_POSITIONS, RankingInputs
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
+
+TRAIN_PATHS = ("per_request", "per_candidate")
 
 
 def check_int(name: str, value, lo: int) -> None:
@@ -133,6 +148,9 @@ class LongerConfig(SequenceModelConfig):
         num_queries: k sequence-side queries of the cross-causal layer.
         query_sampling: ``"recent"``, ``"uniform"`` or ``"learnable"``.
         cross_tokens: c user × candidate cross tokens among the global tokens.
+        train_path: how ``forward`` runs the encoder: ``"per_request"`` (default; the history once per request,
+            differentiable, exact gradients) or ``"per_candidate"`` (the naive reference: the history repeated for
+            each of the M candidates). Same outputs and gradients up to round-off; see the module docstring.
     """
 
     num_layers: int = 2
@@ -141,9 +159,12 @@ class LongerConfig(SequenceModelConfig):
     num_queries: int = 32
     query_sampling: str = "recent"
     cross_tokens: int = 1
+    train_path: str = "per_request"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.train_path not in TRAIN_PATHS:
+            raise ConfigError(f"LongerConfig.train_path must be one of {TRAIN_PATHS}, got {self.train_path!r}")
         if self.merge not in MERGE_MODES:
             raise ConfigError(f"LongerConfig.merge must be one of {MERGE_MODES}, got {self.merge!r}")
         if self.query_sampling not in QUERY_SAMPLING:
@@ -361,10 +382,13 @@ class Longer(MultiTaskRanker):
         return self.split_heads(self.heads(h))
 
     def forward(self, batch: RequestBatch) -> dict[str, Tensor]:
-        """Training path: ``logits`` [B, M, T] and ``watch`` [B, M]; every (request, candidate) is its own token
-        set."""
+        """Training path: ``logits`` [B, M, T] and ``watch`` [B, M]. ``config.train_path="per_request"``: the
+        history is encoded once per request (differentiable); ``"per_candidate"``: every (request, candidate) is its
+        own token set."""
         glob = self.global_tokens(self.inputs, batch)  # [B, M, G, dim]
         seq, valid = self.sequence(batch)
+        if self.config.train_path == "per_request":
+            return self._output(self.encoder.forward_per_request(glob, seq, valid))
         return self._output(self.encoder(glob, seq, valid))
 
     @torch.no_grad()
@@ -391,5 +415,5 @@ class Longer(MultiTaskRanker):
         return torch.sigmoid(self.score_with_cache(self.encode_user(batch), batch)["logits"])
 
 
-__all__ = ["SequenceModelConfig", "LongerConfig", "Longer", "LongerCache", "SequenceTokens", "GlobalTokens",
-           "gap_bucket", "history_events"]
+__all__ = ["TRAIN_PATHS", "SequenceModelConfig", "LongerConfig", "Longer", "LongerCache", "SequenceTokens",
+           "GlobalTokens", "gap_bucket", "history_events"]

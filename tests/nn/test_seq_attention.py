@@ -1,6 +1,7 @@
 """Attention kernels over global + sequence tokens: masked SDPA, the log-sum-exp kernel and the split-key
-(KV-cache) kernel against plain references, the pre-norm layer, token merge, query sampling, and LONGER's
-cross-/self-causal encoder (cache parity, the mask rule in every layer, FLOP counting)."""
+(KV-cache) kernel against plain references (forward, and gradients of its autograd branch), the pre-norm layer,
+token merge, query sampling, and LONGER's cross-/self-causal encoder (cache parity, the per-request path against the
+per-candidate one with gradients, the mask rule in every layer, FLOP counting)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from funnelrec.nn.seq_attention import (
     masked_attention,
     sample_query_index,
     split_key_attention,
+    split_key_attention_autograd,
 )
 
 
@@ -83,6 +85,43 @@ def test_split_key_attention_equals_attention_over_concatenated_keys(seed):
     ref = reference_attention(q.transpose(1, 2).reshape(b * m, h, gq, dh), keys, vals,
                               mask.unsqueeze(1).expand(b * m, gq, gk + s))
     torch.testing.assert_close(out.transpose(1, 2).reshape(b * m, h, gq, dh), ref, rtol=0, atol=1e-12)
+
+
+def _split_inputs(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    b, h, m, gq, gk, s, dh = 3, 2, 4, 3, 3, 7, 5
+    q = torch.randn(b, h, m, gq, dh, generator=g, dtype=dtype)
+    ko, vo = (torch.randn(b, h, m, gk, dh, generator=g, dtype=dtype) for _ in range(2))
+    ks, vs = (torch.randn(b, h, s, dh, generator=g, dtype=dtype) for _ in range(2))
+    return [q, ko, vo, ks, vs], left_padded([7, 3, 0], s)
+
+
+def test_split_key_attention_gradients_are_exact():
+    """Under autograd ``split_key_attention`` takes its differentiable branch: gradcheck against finite differences
+    for every input (padded shared keys, a request with no valid shared key), and the same forward as the
+    flash / log-sum-exp branch it takes without autograd. (The flash kernel's log-sum-exp has no gradient: the
+    log-sum-exp merge under autograd gave gradients wrong by ~24% — the reason for the two branches.)"""
+    inputs, valid = _split_inputs()
+    with torch.no_grad():
+        fast = split_key_attention(*inputs, valid)
+    args = [t.clone().requires_grad_(True) for t in inputs]
+    exact = split_key_attention(*args, valid)
+    assert exact.requires_grad
+    torch.testing.assert_close(exact.detach(), fast, rtol=0, atol=1e-12)
+    torch.testing.assert_close(split_key_attention_autograd(*inputs, valid), fast, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: split_key_attention(*t, valid), tuple(args))
+    # gradient of the padded shared keys / values is exactly zero
+    exact.square().sum().backward()
+    assert args[3].grad[1, :, :4].eq(0).all() and args[4].grad[2].eq(0).all()
+
+
+def test_split_key_attention_dropout_drops_attention_weights():
+    inputs, valid = _split_inputs(dtype=torch.float32)
+    torch.manual_seed(0)
+    a = split_key_attention(*inputs, valid, dropout_p=0.5)
+    b = split_key_attention(*inputs, valid, dropout_p=0.5)
+    assert not torch.allclose(a, b) and torch.isfinite(a).all()
+    torch.testing.assert_close(split_key_attention(*inputs, valid, dropout_p=0.0), split_key_attention(*inputs, valid))
 
 
 def test_layer_split_path_equals_the_full_path():
@@ -176,6 +215,37 @@ def test_encoder_cache_path_equals_the_training_path(sampling, layers):
     torch.testing.assert_close(enc.decode(other, cache), enc(other, seq, valid), rtol=0, atol=1e-5)
     with pytest.raises(DataError, match="cache"):
         enc.decode(glob[:2], cache)
+
+
+def _encoder_grads(enc, fn, glob, seq, valid, weight):
+    glob, seq = glob.clone().requires_grad_(True), seq.clone().requires_grad_(True)
+    enc.zero_grad(set_to_none=True)
+    out = fn(glob, seq, valid)
+    (out * weight).sum().backward()
+    # (with no self layer the learned queries' states are never read: no gradient on one path, zeros on the other)
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in enc.named_parameters()}
+    return out.detach(), glob.grad, seq.grad, grads
+
+
+@pytest.mark.parametrize("sampling", ["recent", "uniform", "learnable"])
+@pytest.mark.parametrize("layers", [0, 2])
+def test_encoder_per_request_path_equals_the_per_candidate_path(sampling, layers):
+    """``forward_per_request`` (sequence once per request) vs ``forward`` (sequence per candidate), float64: the
+    same outputs and the same gradients for every parameter and both inputs (padding, an empty history)."""
+    torch.manual_seed(0)
+    enc = CrossCausalEncoder(8, heads=2, num_self_layers=layers, num_queries=5, sampling=sampling).double()
+    glob, seq, valid = _encoder_inputs(dtype=torch.float64)
+    weight = torch.randn(glob.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    out_n, dglob_n, dseq_n, grads_n = _encoder_grads(enc, enc.forward, glob, seq, valid, weight)
+    out_s, dglob_s, dseq_s, grads_s = _encoder_grads(enc, enc.forward_per_request, glob, seq, valid, weight)
+    torch.testing.assert_close(out_s, out_n, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dglob_s, dglob_n, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dseq_s, dseq_n, rtol=1e-10, atol=1e-12)
+    assert grads_s.keys() == grads_n.keys()
+    for name, g in grads_n.items():
+        torch.testing.assert_close(grads_s[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(DataError):
+        enc.forward_per_request(glob, seq[:2], valid[:2])
 
 
 def _layer_outputs(enc, glob, seq, valid):

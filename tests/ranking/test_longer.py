@@ -1,5 +1,6 @@
 """LONGER: the ranker contract, the mask rule in every layer of the real model, KV-cache parity with the training
-forward for every switch, gradients, a few training steps on the tiny world, config errors."""
+forward for every switch, the per-request training path against the per-candidate one (outputs and parameter
+gradients), gradients, a few training steps on the tiny world, config errors."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def make_longer(seed: int = 0, watch=None, **kw) -> Longer:
 
 
 def layer_outputs(model: Longer, batch: RequestBatch) -> list[torch.Tensor]:
-    """Training-path outputs [B·M, G + k', D] of the cross layer and of every self layer."""
+    """Per-candidate training-path outputs [B·M, G + k', D] of the cross layer and of every self layer (the model
+    needs ``train_path="per_candidate"``: that path shows every token of every layer)."""
+    assert model.config.train_path == "per_candidate"
     outs = []
     layers = [model.encoder.cross, *model.encoder.layers]
     hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out.detach().clone())) for layer in layers]
@@ -51,6 +54,7 @@ def test_contract_shapes_and_predictions():
     torch.testing.assert_close(model.predict_cached(batch), p, rtol=0, atol=1e-5)
     assert (model.predict_watch_time(batch) >= 0).all()
     assert model.num_global == 4  # candidate, CLS, user, one cross token
+    assert model.config.train_path == "per_request"  # the default training path
     empty = RequestBatch.empty(batch_size=2, history=0, candidates=3, user_fields=2, user_dense=2, item_fields=3,
                                item_dense=3)
     assert model(empty)["logits"].shape == (2, 3, T)
@@ -66,10 +70,11 @@ def test_d2q_watch_head():
     assert model.predict_watch_time(make_batch()).shape == (B, M)
 
 
+@pytest.mark.parametrize("train_path", ["per_request", "per_candidate"])
 @pytest.mark.parametrize("merge", ["none", "concat", "innertrans"])
 @pytest.mark.parametrize("sampling", ["recent", "uniform", "learnable"])
-def test_kv_cache_matches_the_training_forward(merge, sampling):
-    model = make_longer(merge=merge, query_sampling=sampling).eval()
+def test_kv_cache_matches_the_training_forward(merge, sampling, train_path):
+    model = make_longer(merge=merge, query_sampling=sampling, train_path=train_path).eval()
     batch = make_batch()
     out = model(batch)
     cache = model.encode_user(batch)
@@ -110,7 +115,7 @@ def _change_candidates(batch: RequestBatch, seed: int) -> RequestBatch:
 
 @pytest.mark.parametrize("merge", ["none", "innertrans"])
 def test_sequence_states_never_depend_on_the_candidate(merge):
-    model = make_longer(merge=merge, num_queries=8).eval()
+    model = make_longer(merge=merge, num_queries=8, train_path="per_candidate").eval()
     batch = make_batch()
     g = model.num_global
     before, after = layer_outputs(model, batch), layer_outputs(model, _change_candidates(batch, 7))
@@ -123,7 +128,7 @@ def test_sequence_states_never_depend_on_the_candidate(merge):
 @pytest.mark.parametrize("merge,k", [("none", 1), ("concat", 2)])
 def test_sequence_states_never_depend_on_later_events(merge, k):
     """All S tokens are queries, so every token shows in every layer; change request 3's event 5 (of 8)."""
-    model = make_longer(merge=merge, merge_k=k, num_queries=8).eval()
+    model = make_longer(merge=merge, merge_k=k, num_queries=8, train_path="per_candidate").eval()
     batch = make_batch()
     g = model.num_global
     changed_items = batch.hist_items.clone()
@@ -135,6 +140,99 @@ def test_sequence_states_never_depend_on_later_events(merge, k):
         torch.testing.assert_close(a[rows, g:g + first_changed], b[rows, g:g + first_changed], rtol=0, atol=1e-6)
         assert not torch.allclose(a[rows, g + first_changed:], b[rows, g + first_changed:])
         torch.testing.assert_close(a[:3 * M], b[:3 * M], rtol=0, atol=0)  # other requests untouched
+
+
+def _path_pair(dtype=torch.float32, **kw) -> tuple[Longer, Longer]:
+    """The same weights, ``train_path="per_candidate"`` and ``"per_request"``."""
+    naive = make_longer(train_path="per_candidate", **kw).to(dtype)
+    shared = Longer(dataclasses.replace(naive.config, train_path="per_request")).to(dtype)
+    shared.load_state_dict(naive.state_dict())
+    return naive, shared
+
+
+def _loss_outputs_grads(model: Longer, batch: RequestBatch):
+    """The training loss plus a random weighting of every output (padded candidates included), the outputs and
+    every parameter's gradient."""
+    out = model(batch)
+    w = torch.randn(out["logits"].shape, generator=torch.Generator().manual_seed(5), dtype=out["logits"].dtype)
+    loss = model.loss(out, batch) + (out["logits"] * w).sum() + 0.1 * out["watch"].sum()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+    return float(loss.detach()), {k: v.detach() for k, v in out.items()}, grads
+
+
+def _assert_same_path_results(naive, shared, batch, out_tol, grad_rtol, nonzero=True):
+    """Outputs within ``out_tol``; every parameter gradient within ``grad_rtol`` relative (L2 over the tensor; with
+    ``nonzero`` every gradient must be nonzero). The attention layers' key biases get an exactly-zero gradient (a key
+    bias adds one constant to all of a query's scores, which the softmax ignores): there, and at gradients that are
+    zero, both paths must be round-off against the whole gradient."""
+    loss_n, out_n, grad_n = _loss_outputs_grads(naive, batch)
+    loss_s, out_s, grad_s = _loss_outputs_grads(shared, batch)
+    for key in ("logits", "watch"):
+        diff = float((out_s[key] - out_n[key]).abs().max())
+        assert diff <= out_tol, (key, diff)
+    assert abs(loss_s - loss_n) <= out_tol * max(1.0, abs(loss_n))
+    assert grad_n.keys() == grad_s.keys()
+    total = torch.cat([g.flatten() for g in grad_n.values()]).norm()
+    for name, g in grad_n.items():
+        err = (grad_s[name] - g).norm()
+        if name.endswith("k_proj.bias") or (not nonzero and g.norm() == 0):
+            assert err <= grad_rtol * total, (name, float(err), float(total))
+        else:
+            assert g.norm() > 0, name
+            assert err <= grad_rtol * g.norm(), (name, float(err / g.norm()))
+
+
+@pytest.mark.parametrize("merge", ["none", "concat", "innertrans"])
+@pytest.mark.parametrize("sampling", ["recent", "uniform", "learnable"])
+def test_per_request_path_equals_per_candidate_path(merge, sampling):
+    """float32, 4 requests × 5 candidate slots (padded candidates, one request without history, left-padded
+    histories): outputs within 1e-5, parameter gradients within 1e-5 relative."""
+    naive, shared = _path_pair(merge=merge, query_sampling=sampling, merge_k=3)
+    _assert_same_path_results(naive.train(), shared.train(), make_batch(), out_tol=1e-5, grad_rtol=1e-5)
+
+
+@pytest.mark.parametrize("merge,sampling", [("concat", "recent"), ("innertrans", "uniform"), ("none", "learnable")])
+def test_per_request_path_is_exact_in_float64(merge, sampling):
+    """The same in float64 down to round-off: the two paths are one function with one gradient."""
+    from funnelrec.bench.longer_kv_cache import to_dtype
+
+    naive, shared = _path_pair(torch.float64, merge=merge, query_sampling=sampling)
+    _assert_same_path_results(naive, shared, to_dtype(make_batch(), torch.float64), out_tol=1e-12,
+                              grad_rtol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [dict(num_layers=0), dict(cross_tokens=0), dict(num_queries=50),
+                                dict(use_position=False, cross_tokens=3, heads=4)])
+def test_per_request_path_for_other_shapes(kw):
+    naive, shared = _path_pair(**kw)
+    _assert_same_path_results(naive, shared, make_batch(), out_tol=1e-5, grad_rtol=1e-5)
+
+
+def test_per_request_path_without_history_and_without_grad():
+    naive, shared = _path_pair()
+    empty = RequestBatch.empty(batch_size=2, history=0, candidates=3, user_fields=2, user_dense=2, item_fields=3,
+                               item_dense=3)
+    _assert_same_path_results(naive, shared, empty, out_tol=1e-5, grad_rtol=1e-5, nonzero=False)
+    batch = make_batch()
+    with torch.no_grad():  # no autograd: the serving kernel
+        torch.testing.assert_close(shared(batch)["logits"], naive(batch)["logits"], rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(shared(batch)["logits"], naive(batch)["logits"], rtol=0, atol=1e-5)
+
+
+def test_per_request_path_with_dropout():
+    """Dropout in training mode: finite outputs and gradients everywhere; in eval mode the paths agree again."""
+    naive, shared = _path_pair(dropout=0.3)
+    batch = make_batch()
+    torch.manual_seed(1)
+    shared.train().training_loss(batch).backward()
+    for name, p in shared.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    a, b = shared(batch)["logits"], shared(batch)["logits"]
+    assert not torch.allclose(a, b)  # dropout is on
+    torch.testing.assert_close(shared.eval()(batch)["logits"], naive.eval()(batch)["logits"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("merge", ["none", "concat", "innertrans"])
@@ -202,6 +300,7 @@ def test_gap_buckets_are_logarithmic():
     (dict(history_mode="target"), "LongerConfig.history_mode"),
     (dict(num_actions=-1), "LongerConfig.num_actions"),
     (dict(gap_buckets=0), "LongerConfig.gap_buckets"),
+    (dict(train_path="batched"), "LongerConfig.train_path"),
     (dict(dropout=1.5), "LongerConfig.dropout"),
 ])
 def test_bad_config_names_the_field(kw, field):
@@ -218,12 +317,13 @@ def test_bad_input_names_the_column():
         model(dataclasses.replace(batch, hist_items=batch.hist_items + 100))
 
 
-def test_a_few_training_steps_lower_the_loss(tiny_world):
+@pytest.mark.parametrize("train_path", ["per_request", "per_candidate"])
+def test_a_few_training_steps_lower_the_loss(tiny_world, train_path):
     spec = tiny_world["spec"]
     torch.manual_seed(0)
     config = LongerConfig(user_vocab=spec.vocab_sizes("user_sparse"), item_vocab=spec.vocab_sizes("item_sparse"),
                           user_dense=spec.num_user_dense, item_dense=spec.num_item_dense, history_pool=20,
-                          num_queries=4, merge_k=2, dim=16)
+                          num_queries=4, merge_k=2, dim=16, train_path=train_path)
     model = Longer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batches = list(tiny_world["train"].iter_batches(64, shuffle=True, seed=0))[:12]
