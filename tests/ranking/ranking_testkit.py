@@ -61,3 +61,21 @@ def make_batch(seed: int = 0) -> RequestBatch:
     b.labels = (torch.rand(B, M, T, generator=g) < 0.3).float()
     b.watch_time_s = torch.rand(B, M, generator=g) * 30 * b.cand_mask
     return b.validate()
+
+
+def loss_after_steps(model, ds, steps: int = 12, passes: int = 2, lr: float = 3e-3) -> tuple[float, float]:
+    """Training loss on the first 4 of ``steps`` batches of ``ds`` before and after ``passes`` AdamW passes over
+    them (a smoke test that a model learns)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    batches = list(ds.iter_batches(64, shuffle=True, seed=0))[:steps]
+    with torch.no_grad():
+        before = sum(float(model.training_loss(b)) for b in batches[:4])
+    for _ in range(passes):
+        for b in batches:
+            loss = model.training_loss(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = sum(float(model.training_loss(b)) for b in batches[:4])
+    return before, after

@@ -17,7 +17,7 @@ from funnelrec.errors import ConfigError, DataError
 from funnelrec.ranking.budget import count_params_flops
 from funnelrec.ranking.longer import Longer, LongerConfig, gap_bucket
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
-from ranking_testkit import ITEM_VOCAB, USER_VOCAB, B, M, N, T, make_batch
+from ranking_testkit import ITEM_VOCAB, USER_VOCAB, B, M, N, T, make_batch, loss_after_steps
 
 SMALL = dict(user_vocab=USER_VOCAB, item_vocab=ITEM_VOCAB, user_dense=2, item_dense=3, head=8, history_pool=N,
              dim=16, heads=2, num_layers=2, num_queries=3, merge_k=2)
@@ -325,18 +325,7 @@ def test_a_few_training_steps_lower_the_loss(tiny_world, train_path):
                           user_dense=spec.num_user_dense, item_dense=spec.num_item_dense, history_pool=20,
                           num_queries=4, merge_k=2, dim=16, train_path=train_path)
     model = Longer(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batches = list(tiny_world["train"].iter_batches(64, shuffle=True, seed=0))[:12]
-    with torch.no_grad():
-        before = sum(float(model.training_loss(b)) for b in batches[:4])
-    for _ in range(2):
-        for b in batches:
-            loss = model.training_loss(b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        after = sum(float(model.training_loss(b)) for b in batches[:4])
+    before, after = loss_after_steps(model, tiny_world["train"])
     assert after < 0.9 * before, (before, after)
 
 

@@ -15,7 +15,7 @@ from funnelrec.errors import ConfigError, DataError
 from funnelrec.ranking.budget import count_params_flops
 from funnelrec.ranking.longer import Longer, LongerConfig
 from funnelrec.ranking.transformer import TransformerRankerConfig, TransformerRanker
-from ranking_testkit import ITEM_VOCAB, USER_VOCAB, B, M, N, T, make_batch
+from ranking_testkit import ITEM_VOCAB, USER_VOCAB, B, M, N, T, make_batch, loss_after_steps
 
 SMALL = dict(user_vocab=USER_VOCAB, item_vocab=ITEM_VOCAB, user_dense=2, item_dense=3, head=8, history_pool=N,
              dim=16, heads=2, num_layers=2)
@@ -98,18 +98,7 @@ def test_a_few_training_steps_lower_the_loss(tiny_world):
     model = TransformerRanker(TransformerRankerConfig(
         user_vocab=spec.vocab_sizes("user_sparse"), item_vocab=spec.vocab_sizes("item_sparse"),
         user_dense=spec.num_user_dense, item_dense=spec.num_item_dense, history_pool=20, dim=16, num_layers=2))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batches = list(tiny_world["train"].iter_batches(64, shuffle=True, seed=0))[:12]
-    with torch.no_grad():
-        before = sum(float(model.training_loss(b)) for b in batches[:4])
-    for _ in range(2):
-        for b in batches:
-            loss = model.training_loss(b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        after = sum(float(model.training_loss(b)) for b in batches[:4])
+    before, after = loss_after_steps(model, tiny_world["train"])
     assert after < 0.9 * before, (before, after)
 
 
