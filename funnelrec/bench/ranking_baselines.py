@@ -454,3 +454,23 @@ def _aggregate(res: dict[str, Any], models: list[str], rd: RankingData) -> None:
 __all__ = ["MODELS", "LR_GRID", "RankingData", "bench_ranking_baselines", "build_model", "fit_model",
            "load_ranking_data", "loader_throughput", "mean_std", "oracle_scores", "popularity_scores", "predict_split",
            "score_split"]
+
+
+@register_benchmark("ranking-loader")
+def bench_ranking_loader(quick: bool = False, data: str | None = None, threads: int = 2) -> BenchResult:
+    """Loader throughput alone (the same measurement as in ``ranking-baselines``, without training to convergence):
+    samples/s through the real pipeline vs in-memory batches for every baseline. Run it on a quiet machine: another
+    process on the same cores distorts the two arms unequally."""
+    threads = fix_threads(threads)
+    data = data or ("sim:small?num_users=200&days=4" if quick else "sim:bench-v1")
+    size = _sizes(quick)
+    rd = load_ranking_data(data, history_len=size.history_len)
+    res: dict[str, Any] = {"data": data, "threads": threads}
+    for name in MODELS:
+        res.update({f"{name}.{k}": v for k, v in loader_throughput(name, rd, size.batch_size, size.loader_steps,
+                                                                   size.loader_rounds, size.model_args).items()})
+    res["min_loader_ratio"] = float(min(res[f"{m}.loader_ratio"] for m in MODELS))
+    config = {"data": data, "batch_size": size.batch_size, "steps": size.loader_steps, "rounds": size.loader_rounds,
+              "history_len": size.history_len, "threads": threads, "models": list(MODELS)}
+    return BenchResult("ranking-loader", res, config=config, quick=quick,
+                       targets=[Target("min_loader_ratio", ">=", 0.9)] if not quick else [])

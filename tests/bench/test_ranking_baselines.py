@@ -130,3 +130,10 @@ def test_bad_options_are_one_line_and_exit_2(args, needle):
 def test_benchmarks_without_data_reject_it():
     res = CliRunner().invoke(app, ["bench", "simulator", "--quick", "--data", SMALL])
     assert res.exit_code == 2 and "does not take --data" in res.output
+
+
+def test_ranking_loader_quick():
+    r = run_benchmark("ranking-loader", quick=True, json_mode=False, write=False, data=SMALL, threads=1).results
+    for m in MODELS:
+        assert r[f"{m}.loader_ratio"] > 0
+    assert r["min_loader_ratio"] == min(r[f"{m}.loader_ratio"] for m in MODELS)
