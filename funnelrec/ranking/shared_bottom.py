@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from funnelrec.data.batch import RequestBatch
 from funnelrec.nn import MLP
 from funnelrec.ranking.base import MultiTaskRanker, RankerConfig, TaskHeads, check_widths
-from funnelrec.ranking.losses import multitask_loss  # noqa: F401  (re-exported: funnelrec.train.loop imports it here)
+from funnelrec.ranking.losses import multitask_loss  # noqa: F401  (re-exported for older imports)
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
 
 

@@ -14,7 +14,7 @@ import torch
 from funnelrec.data.dataset import RequestDataset
 from funnelrec.errors import ConfigError
 from funnelrec.metrics import auc, gauc
-from funnelrec.ranking.shared_bottom import multitask_loss
+from funnelrec.ranking.losses import multitask_loss
 from funnelrec.train.batches import request_batches
 from funnelrec.train.config import TrainConfig
 from funnelrec.train.distributed import DistInfo, resolve_device
