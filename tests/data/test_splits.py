@@ -87,3 +87,19 @@ def test_leave_last_out_errors():
     assert e.value.column == "is_like"
     with pytest.raises(DataError, match="empty"):
         leave_last_out(log.clear())
+
+
+def test_split_by_time_keeps_requests_whole_and_rejects_bad_fractions():
+    from funnelrec.data.splits import split_by_time
+
+    log = pl.DataFrame({"time_ms": [1, 1, 2, 3, 3, 3, 4, 5, 6, 7], "user_id": [0] * 10})
+    parts = split_by_time(log, 0.2, 0.3)
+    assert sum(p.height for p in parts.values()) == 10
+    assert parts["train"]["time_ms"].max() < parts["valid"]["time_ms"].min()
+    assert parts["valid"]["time_ms"].max() < parts["test"]["time_ms"].min()
+    with pytest.raises(DataError, match="valid_frac"):
+        split_by_time(log, -0.1, 0.1)
+    with pytest.raises(DataError, match="must be < 1"):
+        split_by_time(log, 0.6, 0.5)
+    with pytest.raises(DataError, match="time_ms"):
+        split_by_time(log.drop("time_ms"), 0.1, 0.1)
