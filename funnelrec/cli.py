@@ -118,6 +118,10 @@ def bench(
     data: str = typer.Option(None, "--data", help="Data source of benchmarks that take one: sim:NAME[?k=v], "
                              "kuairand:PATH or movielens:PATH (default: the benchmark's own)."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds of benchmarks that train models (default: theirs)."),
+    rows: str = typer.Option(None, "--rows", help="Comma-separated rows of benchmarks made of rows (e.g. ranking): "
+                             "run only these."),
+    extend: bool = typer.Option(False, "--extend", help="With --rows: merge the rows into the previous full run's "
+                                "results instead of replacing them (benchmarks that support it)."),
 ) -> None:
     """Run a benchmark; full runs write docs/results/NAME.json and NAME.md."""
     import inspect
@@ -129,7 +133,11 @@ def bench(
             print(n)
         return
     try:
-        kwargs = {k: v for k, v in (("data", data), ("seeds", seeds)) if v is not None}
+        row_list = tuple(r.strip() for r in rows.split(",") if r.strip()) if rows is not None else None
+        if row_list is not None and not row_list:
+            raise FunnelrecError("--rows needs at least one row name")
+        kwargs = {k: v for k, v in (("data", data), ("seeds", seeds), ("rows", row_list),
+                                    ("extend", extend or None)) if v is not None}
         if kwargs:
             accepted = inspect.signature(get_benchmark(name)).parameters
             for key in kwargs:

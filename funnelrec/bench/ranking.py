@@ -2,7 +2,8 @@
 
 The benchmark every ranking model joins (later ranking issues add rows to :data:`ENTRIES`). On ``sim:long`` (3,000
 heavy users, 30 days, long histories) by default: the last day is test, the day before valid, and the most recent
-``train_rows`` impressions before them are train (the histories reach back over the whole log). Per model and task:
+``train_rows`` impressions before them are train (the histories reach back over the whole log); valid and test keep
+the impressions of ``eval_users`` users drawn once (the same for every model). Per model and task:
 test AUC, GAUC, gap closed between the popularity/position floor and the oracle, watch-time XAUC; parameters,
 forward+backward FLOPs per sample (``FlopCounterMode``) and training samples/s; mean ± std over seeds.
 
@@ -11,20 +12,33 @@ Rows (:class:`Entry`): the baselines (MMoE, PLE, DIN, DCNv2, a plain full-attent
 token merge / with uniformly sampled queries). **Tuning** (valid only, equal budget): every main row gets the same
 learning-rate grid with seed 0 and early stopping on the valid mean AUC; an ablation reuses its parent's learning rate
 (one flag changes, nothing else). Budgets: the non-sequence models are sized to ~1.2–1.5 MFLOPs/sample (±20 % of
-MMoE's, ``tests/ranking/test_ranker_registry.py``); the two sequence models read 256 events and LONGER is cheaper
+MMoE's, ``tests/ranking/test_ranker_registry.py``); the two sequence models read the same history (128 events in the full run) and LONGER is cheaper
 than the full Transformer by construction (token merge, k sampled queries) — the FLOPs column shows by how much.
 
 **The papers' claims as bars** (targets): LONGER's mean test AUC above the full Transformer's at fewer FLOPs;
 RankMixer's above DCNv2's and MMoE's at matched FLOPs; and the *switch test*: on the same world with the long-term
 interest effect switched off (``interests.long_term_enabled=false``), LONGER's edge over DIN shrinks.
 
+**Scenarios** (KuaiRand ``tab``): every row also reports its mean test AUC per tab (tabs with at least
+``MIN_TAB_ROWS`` test impressions); a *single-scenario* row (``Entry.per_tab``) trains one model per tab on that
+tab's impressions only. **Switch tests** (:data:`SWITCHES`): the named rows are trained again, with the same learning
+rates, on the world with one effect switched off, and the edge of the first row over the second must shrink.
+
+**Extending** (``--rows A,B --extend``): later ranking issues add rows without re-running the others — the previous
+``docs/results/ranking.json`` is read (its sizes must equal this run's), the named rows are trained (again), the
+switch rows they need are trained on the switched worlds, and the report is rebuilt over every row. Training is
+seeded and deterministic on CPU, so a retrained row reproduces its figures.
+
 Example:
     funnelrec bench ranking --json
+    funnelrec bench ranking --rows hyformer,longer_rankmixer --extend --json
     funnelrec bench ranking --quick --json
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,14 +46,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
 from funnelrec.bench.ranking_baselines import (
-    LR_GRID, RankingData, fit_model, load_ranking_data, mean_std, oracle_scores, popularity_scores, predict_split,
+    LR_GRID, RankingData, build_model, fit_model, load_ranking_data, mean_std, oracle_scores, popularity_scores, predict_split,
     score_split,
 )
+from funnelrec.bench.ranking_report import plot_rows, summary_markdown
+from funnelrec.data.dataset import RequestDataset
 from funnelrec.errors import ConfigError
-from funnelrec.metrics import gap_closed
+from funnelrec.metrics import auc, gap_closed
 from funnelrec.ranking.budget import count_params_flops
 
 
@@ -52,12 +69,15 @@ class Entry:
         model: the registry name (``funnelrec.ranking.RANKERS``).
         args: model overrides on top of the defaults.
         parent: for an ablation, the row whose tuned learning rate it reuses (None: tuned itself).
+        per_tab: a single-scenario row: one model per tab, each trained (and early-stopped) on its tab's impressions
+            only, each tab's test impressions scored by its own model.
     """
 
     key: str
     model: str
     args: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None
+    per_tab: bool = False
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -72,10 +92,42 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("rankmixer-shared_ffn", "rankmixer", {"ffn": "shared"}, parent="rankmixer"),
     Entry("longer-no_merge", "longer", {"merge": "none"}, parent="longer"),
     Entry("longer-uniform_queries", "longer", {"query_sampling": "uniform"}, parent="longer"),
+    Entry("rankmixer-single_scenario", "rankmixer", parent="rankmixer", per_tab=True),
 )
-#: The rows trained again on the world without long-term interests (the switch test).
-SWITCH_ROWS = ("din", "longer")
-SWITCH_OVERRIDE = "interests.long_term_enabled=false"
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A switch test: ``rows`` = (model, baseline) trained again on the world with ``override``; the model's edge
+    over the baseline (over tasks, or averaged over the reported tabs with ``per_tab``) must shrink."""
+
+    name: str
+    override: str
+    prefix: str
+    rows: tuple[str, str]
+    per_tab: bool = False
+
+    @property
+    def edge_key(self) -> str:
+        model, base = self.rows
+        return f"{model}{'_tab' if self.per_tab else ''}_edge_over_{base}"
+
+    @property
+    def shrink_key(self) -> str:
+        return f"{self.rows[0]}{'_tab' if self.per_tab else ''}_edge_shrink_switch_off"
+
+
+SWITCHES: tuple[Switch, ...] = (
+    Switch("long_term", "interests.long_term_enabled=false", "switch.", ("longer", "din")),
+)
+#: Backward-compatible names of the long-term switch.
+SWITCH_ROWS = SWITCHES[0].rows
+SWITCH_OVERRIDE = SWITCHES[0].override
+#: Tabs with fewer test impressions get no per-tab figures; tab 1 is the main scenario (45 % of the traffic).
+MIN_TAB_ROWS = 1_000
+MAIN_TAB = 1
+#: Sizes that must match for ``--extend`` to merge a new run into a previous one.
+SIZE_KEYS = ("data", "seeds", "lr_grid", "epochs", "batch_size", "history_len", "train_rows", "eval_users")
 
 
 @dataclass
@@ -88,9 +140,14 @@ class Sizes:
     epochs: int
     batch_size: int
     lr_grid: tuple[float, ...]
+    eval_users: int | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     seq_args: dict[str, Any] = field(default_factory=dict)
     longer_args: dict[str, Any] = field(default_factory=dict)
+
+
+#: Models that read the event sequence as tokens (they take ``seq_args``).
+SEQUENCE_MODELS = ("longer", "transformer")
 
 
 def sizes(quick: bool, data: str | None) -> Sizes:
@@ -98,7 +155,11 @@ def sizes(quick: bool, data: str | None) -> Sizes:
         return Sizes(data or "sim:small?num_users=150&days=4", None, 16, 1, 64, (3e-3,),
                      model_args={"embed_dim": 8}, seq_args={"history_pool": 16, "dim": 8},
                      longer_args={"num_queries": 4})
-    return Sizes(data or "sim:long", 1_000_000, 256, 2, 256, LR_GRID)
+    # Sized for two CPU cores: the full Transformer (every candidate re-encodes the history) trains at ~800 samples/s
+    # at 128 events and ~300 at 256, so the run keeps 128 events, 200k train impressions, one epoch, and the valid and
+    # test impressions of 1,000 of the 3,000 users (~78k each) — about an hour for every row, 3 seeds, the switch test.
+    return Sizes(data or "sim:long", 200_000, 128, 1, 256, LR_GRID, eval_users=1000,
+                 seq_args={"history_pool": 128}, longer_args={"num_queries": 16})
 
 
 def _with_override(spec: str, override: str) -> str:
@@ -108,19 +169,88 @@ def _with_override(spec: str, override: str) -> str:
 
 
 def _model_args(entry: Entry, size: Sizes) -> dict[str, Any]:
-    extra = size.seq_args if entry.model in ("longer", "transformer") else {}
+    extra = size.seq_args if entry.model in SEQUENCE_MODELS else {}
     if entry.model == "longer":
         extra = {**extra, **size.longer_args}
     return {**size.model_args, **extra, **entry.args}
 
 
+# ------------------------------------------------------------------------------------------------ scenarios
+def report_tabs(rd: RankingData) -> list[int]:
+    """The tabs with at least ``MIN_TAB_ROWS`` test impressions (sorted)."""
+    counts = rd.parts["test"].group_by("tab").len()
+    return sorted(int(t) for t, n in zip(counts["tab"], counts["len"]) if n >= MIN_TAB_ROWS)
+
+
+def tab_scores(probs: np.ndarray, rd: RankingData, tabs: list[int]) -> dict[str, float]:
+    """Per reported tab: AUC per task on that tab's test impressions and their mean over tasks."""
+    test_tab = rd.parts["test"]["tab"].to_numpy()
+    out: dict[str, float] = {}
+    for tab in tabs:
+        rows = test_tab == tab
+        aucs = []
+        for j, task in enumerate(rd.tasks):
+            a = auc(probs[rows, j], rd.parts["test"][task].to_numpy()[rows])
+            out[f"tab{tab}.auc.{task}"] = a
+            aucs.append(a)
+        out[f"tab{tab}.auc_mean"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan
+    return out
+
+
+def trainable_tabs(rd: RankingData) -> list[int]:
+    """Tabs with train and valid impressions (a single-scenario model needs both; other tabs' test rows get 0.5)."""
+    have = [set(int(t) for t in rd.parts[k]["tab"].unique()) for k in ("train", "valid")]
+    return sorted(have[0] & have[1])
+
+
+def tab_view(rd: RankingData, tab: int) -> RankingData:
+    """``rd`` restricted to the impressions of one tab (same feature spec, vocabularies, histories and debiaser)."""
+    parts = {k: df.filter(pl.col("tab") == tab) for k, df in rd.parts.items()}
+    empty = [k for k, df in parts.items() if k != "test" and df.height == 0]
+    if empty:
+        raise ConfigError(f"tab {tab} has no {empty[0]} impressions: a single-scenario model cannot be trained")
+    ref = rd.datasets["train"]
+    datasets = {k: RequestDataset(df, rd.source.users, rd.source.videos, rd.spec, ref.timelines,
+                                  history_len=ref.history_len, tasks=rd.tasks)
+                for k, df in parts.items() if df.height}
+    return RankingData(rd.source, rd.tasks, parts, datasets, rd.spec, rd.watch, rd.protocol + f"; tab {tab} only")
+
+
+def fit_predict_per_tab(entry: Entry, rd: RankingData, lr: float, size: Sizes, seed: int, args: dict[str, Any],
+                        views: dict[int, RankingData]) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """Train one model per tab (``views``), score each tab's test impressions with its model; returns the test
+    probabilities and watch predictions in test row order and facts (row-weighted valid AUC, samples/s, epochs)."""
+    test_tab = rd.parts["test"]["tab"].to_numpy()
+    probs = np.full((len(test_tab), len(rd.tasks)), 0.5)
+    watch = np.zeros(len(test_tab)) if rd.has_watch else None
+    facts, weights = [], []
+    for tab, view in views.items():
+        model, f = fit_model(entry.model, view, lr, size.epochs, size.batch_size, seed, args)
+        facts.append(f)
+        weights.append(view.parts["valid"].height)
+        rows = np.flatnonzero(test_tab == tab)
+        if len(rows):
+            p, w = predict_split(model, view.datasets["test"], len(rows), batch_size=1024, with_watch=rd.has_watch)
+            probs[rows] = p
+            if watch is not None:
+                watch[rows] = w
+    w = np.asarray(weights, dtype=float) / sum(weights)
+    valid = np.array([f["valid_auc_mean"] for f in facts])
+    return probs, watch, {"valid_auc_mean": float(np.nansum(w * valid)),
+                          "samples_per_s": float(np.mean([f["samples_per_s"] for f in facts])),
+                          "epochs_run": float(np.mean([f["epochs_run"] for f in facts]))}
+
+
+# ------------------------------------------------------------------------------------------------ training
 def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs: dict[str, float] | None = None,
              prefix: str = "") -> tuple[dict[str, Any], dict[str, float]]:
     """Train, test and cost every entry on ``rd``; returns the flat figures and the learning rate of each row."""
     log = lambda msg: print(f"[ranking] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     res: dict[str, Any] = {}
     chosen: dict[str, float] = dict(lrs or {})
+    tabs = report_tabs(rd)
     sample = rd.datasets["train"].batch(np.arange(min(64, len(rd.datasets["train"]))))
+    views: dict[int, RankingData] | None = None
     for e in entries:
         args = _model_args(e, size)
         key = prefix + e.key
@@ -128,52 +258,88 @@ def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs
             grid = (chosen.get(e.key, chosen.get(e.parent)),)
         else:
             grid = size.lr_grid
-        trials = []
-        for lr in grid:
-            log(f"{key}: seed 0, lr {lr:g}")
-            model, facts = fit_model(e.model, rd, lr, size.epochs, size.batch_size, 0, args)
-            trials.append((facts["valid_auc_mean"], lr, model, facts))
-        best = max(trials, key=lambda t: (np.nan_to_num(t[0], nan=-1.0), -t[1]))
-        runs = [(best[2], best[3])]
-        lr = best[1]
+        preds, facts, cost_model = [], [], None
+        if e.per_tab:
+            if views is None:
+                views = {t: tab_view(rd, t) for t in trainable_tabs(rd)}
+            trials = []
+            for lr in grid:
+                log(f"{key}: seed 0, lr {lr:g}, one model per tab")
+                probs, watch, f = fit_predict_per_tab(e, rd, lr, size, 0, args, views)
+                trials.append((f["valid_auc_mean"], lr, (probs, watch), f))
+            best = max(trials, key=lambda t: (np.nan_to_num(t[0], nan=-1.0), -t[1]))
+            lr = best[1]
+            preds.append(best[2])
+            facts.append(best[3])
+            for seed in range(1, seeds):
+                log(f"{key}: seed {seed}, lr {lr:g}, one model per tab")
+                probs, watch, f = fit_predict_per_tab(e, rd, lr, size, seed, args, views)
+                preds.append((probs, watch))
+                facts.append(f)
+            cost_model = build_model(e.model, rd, args)  # every tab's model has this architecture
+        else:
+            trials = []
+            for lr in grid:
+                log(f"{key}: seed 0, lr {lr:g}")
+                model, f = fit_model(e.model, rd, lr, size.epochs, size.batch_size, 0, args)
+                trials.append((f["valid_auc_mean"], lr, model, f))
+            best = max(trials, key=lambda t: (np.nan_to_num(t[0], nan=-1.0), -t[1]))
+            lr = best[1]
+            models = [best[2]]
+            facts.append(best[3])
+            for seed in range(1, seeds):
+                log(f"{key}: seed {seed}, lr {lr:g}")
+                model, f = fit_model(e.model, rd, lr, size.epochs, size.batch_size, seed, args)
+                models.append(model)
+                facts.append(f)
+            preds = [predict_split(m, rd.datasets["test"], rd.parts["test"].height, batch_size=1024,
+                                   with_watch=rd.has_watch) for m in models]
+            cost_model = best[2]
         chosen[e.key] = lr
-        for seed in range(1, seeds):
-            log(f"{key}: seed {seed}, lr {lr:g}")
-            runs.append(fit_model(e.model, rd, lr, size.epochs, size.batch_size, seed, args))
-        per_seed = [score_split(*predict_split(m, rd.datasets["test"], rd.parts["test"].height,
-                                               batch_size=1024, with_watch=rd.has_watch), rd, seed=i)
-                    for i, (m, _) in enumerate(runs)]
+        per_seed = []
+        for i, (probs, watch) in enumerate(preds):
+            scores = score_split(probs, watch, rd, seed=i)
+            scores.update(tab_scores(probs, rd, tabs))
+            per_seed.append(scores)
         for k in per_seed[0]:
             res[f"{key}.{k}"], res[f"{key}.{k}.std"] = mean_std([s[k] for s in per_seed])
         auc_means = [float(np.nanmean([s[f"auc.{t}"] for t in rd.tasks])) for s in per_seed]
         res[f"{key}.auc_mean"], res[f"{key}.auc_mean.std"] = mean_std(auc_means)
         res[f"{key}.lr"] = lr
         res[f"{key}.valid_auc_mean"] = best[0]
-        res[f"{key}.samples_per_s"] = float(np.mean([f["samples_per_s"] for _, f in runs]))
-        res[f"{key}.epochs_run"] = float(np.mean([f["epochs_run"] for _, f in runs]))
-        cost = count_params_flops(best[2], sample)
+        res[f"{key}.samples_per_s"] = float(np.mean([f["samples_per_s"] for f in facts]))
+        res[f"{key}.epochs_run"] = float(np.mean([f["epochs_run"] for f in facts]))
+        cost = count_params_flops(cost_model, sample)
         res.update({f"{key}.{k}": cost[k] for k in ("params_dense", "params_embedding", "flops_per_sample")})
     return res, chosen
 
 
 def _add_references(res: dict[str, Any], rd: RankingData, prefix: str = "") -> None:
-    res.update({f"{prefix}popularity.{k}": v for k, v in popularity_scores(rd).items()})
-    if rd.is_sim:
-        res.update({f"{prefix}oracle.{k}": v for k, v in oracle_scores(rd).items()})
-    for ref in ("popularity", "oracle"):
-        vals = [res.get(f"{prefix}{ref}.auc.{t}") for t in rd.tasks]
-        if all(v is not None for v in vals):
-            res[f"{prefix}{ref}.auc_mean"] = float(np.nanmean(vals))
+    tabs = report_tabs(rd)
+    for ref, scorer in (("popularity", popularity_scores), ("oracle", oracle_scores if rd.is_sim else None)):
+        if scorer is None:
+            continue
+        scores, probs = scorer(rd, with_probs=True)
+        res.update({f"{prefix}{ref}.{k}": v for k, v in scores.items()})
+        res.update({f"{prefix}{ref}.{k}": v for k, v in tab_scores(probs, rd, tabs).items()})
+        res[f"{prefix}{ref}.auc_mean"] = float(np.nanmean([scores[f"auc.{t}"] for t in rd.tasks]))
 
 
-def claims(res: dict[str, Any], rd: RankingData, entries: list[Entry], switch: bool) -> None:
-    """Gap closed per row and task, and the figures behind the papers' claims."""
-    for e in entries:
+# ------------------------------------------------------------------------------------------------ claims
+def _tab_edge(res: dict[str, Any], model: str, base: str, tabs: list[int], prefix: str = "") -> list[float]:
+    return [res[f"{prefix}{model}.tab{t}.auc_mean"] - res[f"{prefix}{base}.tab{t}.auc_mean"] for t in tabs
+            if f"{prefix}{model}.tab{t}.auc_mean" in res and f"{prefix}{base}.tab{t}.auc_mean" in res]
+
+
+def claims(res: dict[str, Any], rd: RankingData, keys: list[str], switches: list[Switch]) -> None:
+    """Gap closed per row and task, and the figures behind the papers' claims (for the rows present)."""
+    for k in keys:
         for t in rd.tasks:
             if rd.is_sim:
-                res[f"{e.key}.gap_closed.{t}"] = gap_closed(res[f"{e.key}.auc.{t}"], res[f"popularity.auc.{t}"],
-                                                            res[f"oracle.auc.{t}"])
-    have = {e.key for e in entries}
+                res[f"{k}.gap_closed.{t}"] = gap_closed(res[f"{k}.auc.{t}"], res[f"popularity.auc.{t}"],
+                                                        res[f"oracle.auc.{t}"])
+    have = set(keys)
+    tabs = report_tabs(rd)
     if {"longer", "transformer"} <= have:
         res["longer_minus_transformer_auc_mean"] = res["longer.auc_mean"] - res["transformer.auc_mean"]
         res["longer_flops_vs_transformer"] = res["longer.flops_per_sample"] / res["transformer.flops_per_sample"]
@@ -181,133 +347,132 @@ def claims(res: dict[str, Any], rd: RankingData, entries: list[Entry], switch: b
         res["rankmixer_minus_best_of_dcnv2_mmoe_auc_mean"] = res["rankmixer.auc_mean"] - max(
             res["dcnv2.auc_mean"], res["mmoe.auc_mean"])
         res["rankmixer_flops_vs_mmoe"] = res["rankmixer.flops_per_sample"] / res["mmoe.flops_per_sample"]
-    if switch:
-        on = res["longer.auc_mean"] - res["din.auc_mean"]
-        off = res["switch.longer.auc_mean"] - res["switch.din.auc_mean"]
-        res["longer_edge_over_din"], res["longer_edge_over_din_switch_off"] = on, off
-        res["longer_edge_shrink_switch_off"] = on - off
+    if {"hyformer", "longer_rankmixer"} <= have:
+        res["hyformer_minus_longer_rankmixer_auc_mean"] = res["hyformer.auc_mean"] - res["longer_rankmixer.auc_mean"]
+        res["hyformer_flops_vs_longer_rankmixer"] = (res["hyformer.flops_per_sample"]
+                                                     / res["longer_rankmixer.flops_per_sample"])
+    if {"mtmixatt", "rankmixer"} <= have and (edges := _tab_edge(res, "mtmixatt", "rankmixer", tabs)):
+        res["mtmixatt_minus_rankmixer_tab_auc_min"] = float(min(edges))
+        res["mtmixatt_tabs_won_vs_rankmixer"] = float(np.mean(np.array(edges) > 0))
+        res["mtmixatt_flops_vs_rankmixer"] = res["mtmixatt.flops_per_sample"] / res["rankmixer.flops_per_sample"]
+    single = "rankmixer-single_scenario"
+    nonmain = [t for t in tabs if t != MAIN_TAB]
+    if {"mtmixatt", single} <= have and (edges := _tab_edge(res, "mtmixatt", single, nonmain)):
+        res["mtmixatt_minus_single_scenario_nonmain_tab_auc_mean"] = float(np.mean(edges))
+        res["mtmixatt_minus_single_scenario_nonmain_tab_auc_min"] = float(min(edges))
+    for sw in switches:
+        model, base = sw.rows
+        if sw.per_tab:
+            on = float(np.mean(_tab_edge(res, model, base, tabs)))
+            off = float(np.mean(_tab_edge(res, model, base, tabs, prefix=sw.prefix)))
+        else:
+            on = res[f"{model}.auc_mean"] - res[f"{base}.auc_mean"]
+            off = res[f"{sw.prefix}{model}.auc_mean"] - res[f"{sw.prefix}{base}.auc_mean"]
+        res[sw.edge_key], res[sw.edge_key + "_switch_off"] = on, off
+        res[sw.shrink_key] = on - off
 
 
-def summary_markdown(res: dict[str, Any], entries: list[Entry], tasks: tuple[str, ...], info: dict[str, Any]) -> str:
-    """Readable tables: per-task AUC, GAUC, gap closed; cost; the claims."""
-    short = [t.replace("is_", "") for t in tasks]
-    lines = [f"**Data**: `{info['data']}` — {info['train_rows']:,} train (the most recent before valid) / "
-             f"{info['valid_rows']:,} valid / {info['test_rows']:,} test impressions, histories of up to "
-             f"{info['history_len']} events. Mean ± std over {info['seeds']} seed(s); learning rate per main row from "
-             f"{list(info['lr_grid'])} on valid (seed 0), ablations reuse their parent's; at most {info['epochs']} "
-             f"epochs, early stopping on valid mean AUC. Wall time {info['wall_s'] / 60:.1f} min on "
-             f"{info['threads']} threads.", ""]
-    rows = ["popularity", *[e.key for e in entries]] + (["oracle"] if info["oracle"] else [])
-
-    def cell(key: str, std: bool = True) -> str:
-        v, s = res.get(key), res.get(key + ".std") if std else None
-        if v is None or not np.isfinite(v):
-            return "n/a"
-        return f"{v:.4f}" + (f" ± {s:.4f}" if s is not None and np.isfinite(s) else "")
-
-    for title, metric in (("Test AUC", "auc"), ("Test GAUC", "gauc")):
-        lines += [f"### {title}", "", "| model | mean | " + " | ".join(short) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in short) + " |"]
-        for r in rows:
-            mean = cell(f"{r}.auc_mean") if metric == "auc" else "—"
-            lines.append(f"| {r} | {mean} | " + " | ".join(cell(f"{r}.{metric}.{t}") for t in tasks) + " |")
-        lines.append("")
-    lines += ["### Cost", "", "| model | params (dense) | FLOPs/sample | samples/s | lr | XAUC watch |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for e in entries:
-        k = e.key
-        lines.append(f"| {k} | {res[f'{k}.params_dense']:,} | {res[f'{k}.flops_per_sample']:,.0f} | "
-                     f"{res[f'{k}.samples_per_s']:,.0f} | {res[f'{k}.lr']:g} | {cell(f'{k}.xauc.watch')} |")
-    lines.append("")
-    claim_keys = [k for k in ("longer_minus_transformer_auc_mean", "longer_flops_vs_transformer",
-                              "rankmixer_minus_best_of_dcnv2_mmoe_auc_mean", "rankmixer_flops_vs_mmoe",
-                              "longer_edge_over_din", "longer_edge_over_din_switch_off",
-                              "longer_edge_shrink_switch_off") if k in res]
-    if claim_keys:
-        lines += ["### The papers' claims", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {k} | {res[k]:.4f} |" for k in claim_keys]
-        lines.append("")
-    return "\n".join(lines)
+def targets_for(res: dict[str, Any], switches: list[Switch]) -> list[Target]:
+    """The papers' claims as bars, for the figures a run has."""
+    bars = [("longer_minus_transformer_auc_mean", ">", 0.0), ("longer_flops_vs_transformer", "<", 1.0),
+            ("rankmixer_minus_best_of_dcnv2_mmoe_auc_mean", ">", 0.0), ("rankmixer_flops_vs_mmoe", "in", (0.8, 1.2)),
+            ("hyformer_minus_longer_rankmixer_auc_mean", ">=", 0.0),
+            ("hyformer_flops_vs_longer_rankmixer", "in", (0.8, 1.25)),
+            ("mtmixatt_minus_rankmixer_tab_auc_min", ">", 0.0), ("mtmixatt_flops_vs_rankmixer", "in", (0.8, 1.2)),
+            ("mtmixatt_minus_single_scenario_nonmain_tab_auc_min", ">", 0.0)]
+    bars += [(sw.shrink_key, ">", 0.0) for sw in switches]
+    return [Target(name, op, value) for name, op, value in bars if name in res]
 
 
-def plot_rows(res: dict[str, Any], entries: list[Entry], out_dir: Path, stem: str = "ranking") -> list[str]:
-    """Mean test AUC per row (error bars: std over seeds) against FLOPs/sample, floor and oracle as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for e in entries:
-        x, y, s = res[f"{e.key}.flops_per_sample"], res[f"{e.key}.auc_mean"], res[f"{e.key}.auc_mean.std"]
-        ax.errorbar(x, y, yerr=s if np.isfinite(s) else None, fmt="o" if e.parent is None else "x", capsize=3)
-        ax.annotate(e.key, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    for ref, color in (("popularity", "k"), ("oracle", "r")):
-        if f"{ref}.auc_mean" in res:
-            ax.axhline(res[f"{ref}.auc_mean"], color=color, ls="--", lw=1, label=ref)
-    ax.set_xscale("log")
-    ax.set_xlabel("forward+backward FLOPs per sample")
-    ax.set_ylabel("mean test AUC over tasks")
-    ax.set_title("Ranking models: quality against cost")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = f"{stem}_auc_vs_flops.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    return [name]
+# ------------------------------------------------------------------------------------------------ extending
+def previous_run(out_dir: str | Path, size: Sizes, seeds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results and config of ``out_dir/ranking.json``; ``ConfigError`` if missing, quick, or of other sizes."""
+    path = Path(out_dir) / "ranking.json"
+    if not path.is_file():
+        raise ConfigError(f"--extend needs a previous full run in {path} (run `funnelrec bench ranking` first)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        prev_res, prev_cfg = dict(doc["results"]), {**doc["config"], "command": doc.get("command", "")}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: not a ranking results document ({err})") from err
+    now = {"data": size.data, "seeds": seeds, "lr_grid": list(size.lr_grid), "epochs": size.epochs,
+           "batch_size": size.batch_size, "history_len": size.history_len, "train_rows": size.train_rows,
+           "eval_users": size.eval_users}
+    for k in SIZE_KEYS:
+        if prev_cfg.get(k) != now[k]:
+            raise ConfigError(f"--extend: {path} was run with {k}={prev_cfg.get(k)!r}, this run has {now[k]!r}; "
+                              f"re-run every row instead")
+    return {k: (math.nan if v is None else v) for k, v in prev_res.items()}, prev_cfg
 
 
 @register_benchmark("ranking")
 def bench_ranking(quick: bool = False, data: str | None = None, seeds: int | None = None, threads: int = 2,
-                  rows: tuple[str, ...] | None = None, switch: bool = True,
+                  rows: tuple[str, ...] | None = None, extend: bool = False, switch: bool = True,
                   out_dir: str = "docs/results") -> BenchResult:
-    """Run the ranking benchmark (see the module docstring); ``rows`` restricts it to some entries."""
+    """Run the ranking benchmark (see the module docstring); ``rows`` restricts it to some entries, ``extend``
+    merges them into the previous full run in ``out_dir``."""
     wall0 = time.perf_counter()
     seeds = seeds if seeds is not None else (1 if quick else 3)
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
     if rows is not None and (unknown := set(rows) - {e.key for e in ENTRIES}):
         raise ConfigError(f"unknown ranking rows {sorted(unknown)}; known: {', '.join(e.key for e in ENTRIES)}")
-    entries = [e for e in ENTRIES if rows is None or e.key in rows]
+    if extend and (quick or not rows):
+        raise ConfigError("--extend adds rows to a previous full run: give --rows and no --quick")
     threads = fix_threads(threads)
     size = sizes(quick, data)
-    rd = load_ranking_data(size.data, history_len=size.history_len, max_train_rows=size.train_rows)
     res: dict[str, Any] = {}
+    chosen: dict[str, float] = {}
+    prev_cfg: dict[str, Any] = {}
+    if extend:
+        res, prev_cfg = previous_run(out_dir, size, seeds)
+        done = [e.key for e in ENTRIES if f"{e.key}.auc_mean" in res and e.key not in rows]
+        chosen = {k: res[f"{k}.lr"] for k in done}
+        for k in rows:  # a retrained row drops its old figures (and those of the switched worlds)
+            for stale in [x for x in res if x.startswith((f"{k}.",) + tuple(f"{sw.prefix}{k}." for sw in SWITCHES))]:
+                del res[stale]
+    train_now = [e for e in ENTRIES if rows is None or e.key in rows]
+    rd = load_ranking_data(size.data, history_len=size.history_len, max_train_rows=size.train_rows,
+                           eval_users=size.eval_users)
     _add_references(res, rd)
-    figures, chosen = run_rows(rd, entries, size, seeds)
+    figures, trained_lrs = run_rows(rd, train_now, size, seeds, lrs=chosen)
     res.update(figures)
-    do_switch = switch and rd.is_sim and all(k in chosen for k in SWITCH_ROWS)
-    if do_switch:
-        off = load_ranking_data(_with_override(size.data, SWITCH_OVERRIDE), history_len=size.history_len,
-                                max_train_rows=size.train_rows)
-        _add_references(res, off, prefix="switch.")
-        switch_entries = [e for e in ENTRIES if e.key in SWITCH_ROWS]
-        figures, _ = run_rows(off, switch_entries, size, seeds, lrs=chosen, prefix="switch.")
-        res.update(figures)
-    claims(res, rd, entries, do_switch)
+    chosen.update(trained_lrs)
+    present = [e for e in ENTRIES if f"{e.key}.auc_mean" in res]
+    switches = []
+    for sw in SWITCHES:
+        if not (switch and rd.is_sim and all(k in chosen for k in sw.rows)):
+            continue
+        missing = [e for e in ENTRIES if e.key in sw.rows and f"{sw.prefix}{e.key}.auc_mean" not in res]
+        if missing:
+            off = load_ranking_data(_with_override(size.data, sw.override), history_len=size.history_len,
+                                    max_train_rows=size.train_rows, eval_users=size.eval_users)
+            _add_references(res, off, prefix=sw.prefix)
+            figures, _ = run_rows(off, missing, size, seeds, lrs=chosen, prefix=sw.prefix)
+            res.update(figures)
+        switches.append(sw)
+    keys = [e.key for e in present]
+    claims(res, rd, keys, switches)
+    wall = time.perf_counter() - wall0 + float(res.get("wall_s", 0.0) if extend else 0.0)
     info = {"data": size.data, "seeds": seeds, "epochs": size.epochs, "threads": threads,
             "lr_grid": size.lr_grid, "history_len": size.history_len, "train_rows": rd.parts["train"].height,
             "valid_rows": rd.parts["valid"].height, "test_rows": rd.parts["test"].height, "oracle": rd.is_sim,
-            "wall_s": time.perf_counter() - wall0}
+            "eval_users": size.eval_users, "wall_s": wall}
     res.update({"data": size.data, "seeds": seeds, "train_impressions": info["train_rows"],
-                "test_impressions": info["test_rows"], "wall_s": info["wall_s"]})
-    targets = []
-    if "longer_minus_transformer_auc_mean" in res:
-        targets += [Target("longer_minus_transformer_auc_mean", ">", 0.0),
-                    Target("longer_flops_vs_transformer", "<", 1.0)]
-    if "rankmixer_minus_best_of_dcnv2_mmoe_auc_mean" in res:
-        targets += [Target("rankmixer_minus_best_of_dcnv2_mmoe_auc_mean", ">", 0.0),
-                    Target("rankmixer_flops_vs_mmoe", "in", (0.8, 1.2))]
-    if do_switch:
-        targets.append(Target("longer_edge_shrink_switch_off", ">", 0.0))
-    plots = [] if quick else plot_rows(res, entries, Path(out_dir))
-    config = {"data": size.data, "rows": [e.key for e in entries], "seeds": seeds, "lr_grid": list(size.lr_grid),
+                "test_impressions": info["test_rows"], "wall_s": wall})
+    ablations = {e.key for e in present if e.parent is not None}
+    plots = [] if quick else plot_rows(res, keys, ablations, Path(out_dir))
+    config = {"data": size.data, "rows": keys, "seeds": seeds, "lr_grid": list(size.lr_grid),
               "epochs": size.epochs, "batch_size": size.batch_size, "history_len": size.history_len,
-              "train_rows": size.train_rows, "threads": threads, "switch": SWITCH_OVERRIDE if do_switch else "",
-              "model_args": {e.key: _model_args(e, size) for e in entries}}
-    return BenchResult("ranking", res, config=config, targets=targets, plots=plots, quick=quick,
-                       summary=summary_markdown(res, entries, rd.tasks, info))
+              "train_rows": size.train_rows, "eval_users": size.eval_users, "threads": threads,
+              "switches": {sw.name: sw.override for sw in switches},
+              "model_args": {e.key: _model_args(e, size) for e in present}}
+    if extend:
+        config["extended"] = {"rows": list(rows), "previous_command": prev_cfg.get("command", ""),
+                              "previous_rows": prev_cfg.get("rows", [])}
+    return BenchResult("ranking", res, config=config, targets=targets_for(res, switches), plots=plots, quick=quick,
+                       summary=summary_markdown(res, keys, rd.tasks, report_tabs(rd), info))
 
 
-__all__ = ["ENTRIES", "Entry", "SWITCH_ROWS", "bench_ranking", "claims", "run_rows", "sizes"]
+__all__ = ["ENTRIES", "Entry", "MIN_TAB_ROWS", "SWITCHES", "SWITCH_ROWS", "Switch", "bench_ranking", "claims",
+           "report_tabs", "run_rows", "sizes", "tab_scores", "tab_view"]

@@ -96,8 +96,18 @@ class RankingData:
         return self.source.oracle is not None
 
 
-def load_ranking_data(spec_str: str, history_len: int = 100, max_train_rows: int | None = None) -> RankingData:
-    """Load ``spec_str``, split it (by day for KuaiRand-like data, by time for MovieLens), build the datasets."""
+def load_ranking_data(spec_str: str, history_len: int = 100, max_train_rows: int | None = None,
+                      eval_users: int | None = None, eval_seed: int = 0) -> RankingData:
+    """Load ``spec_str``, split it (by day for KuaiRand-like data, by time for MovieLens), build the datasets.
+
+    Args:
+        spec_str: a source spec (``sim:NAME?k=v``, ``kuairand:PATH``, ``movielens:PATH``).
+        history_len: events per history.
+        max_train_rows: keep only the most recent train impressions (whole requests), or None for all.
+        eval_users: keep valid and test impressions of this many users only, drawn once with ``eval_seed`` from the
+            users present in valid or test (the same users in both splits, for every model); None keeps every user.
+            Train is untouched and histories still reach back over the whole log.
+    """
     from funnelrec.data.sources import load_source
 
     source = load_source(spec_str, progress=sys.stderr.isatty())
@@ -111,6 +121,14 @@ def load_ranking_data(spec_str: str, history_len: int = 100, max_train_rows: int
     if max_train_rows is not None and parts["train"].height > max_train_rows:  # keep whole, most recent requests
         cut = parts["train"]["time_ms"].sort(descending=True)[max_train_rows - 1]
         parts["train"] = parts["train"].filter(pl.col("time_ms") >= cut)
+    if eval_users is not None:
+        if eval_users < 1:
+            raise ConfigError(f"eval_users must be >= 1, got {eval_users}")
+        present = np.unique(np.concatenate([parts[k]["user_id"].to_numpy() for k in ("valid", "test")]))
+        if eval_users < len(present):
+            keep = np.random.default_rng(eval_seed).choice(present, eval_users, replace=False)
+            for k in ("valid", "test"):
+                parts[k] = parts[k].filter(pl.col("user_id").is_in(keep.tolist()))
     spec = source.spec_factory().fit(source.users, source.videos, parts["train"])
     timelines = Timelines.from_log(source.log, spec)
     tasks = tuple(source.tasks)
@@ -158,8 +176,9 @@ def score_split(probs: np.ndarray, watch: np.ndarray | None, data: RankingData, 
     return out
 
 
-def popularity_scores(data: RankingData) -> dict[str, float]:
-    """The popularity/position-only floor on test (its watch time: the item's mean training watch seconds)."""
+def popularity_scores(data: RankingData, with_probs: bool = False):
+    """The popularity/position-only floor on test (its watch time: the item's mean training watch seconds); with
+    ``with_probs`` also its test probabilities [R, T]."""
     model = PopularityPositionModel(tasks=data.tasks).fit(with_position(data.parts["train"]))
     probs = model.predict(with_position(data.parts["test"]))
     watch = None
@@ -167,15 +186,18 @@ def popularity_scores(data: RankingData) -> dict[str, float]:
         item_watch = data.parts["train"].group_by("video_id").agg((pl.col("play_time_ms").mean() / 1000).alias("w"))
         watch = (data.parts["test"].select("video_id").join(item_watch, on="video_id", how="left")
                  ["w"].fill_null(float(data.parts["train"]["play_time_ms"].mean()) / 1000).to_numpy())
-    return score_split(probs, watch, data)
+    scores = score_split(probs, watch, data)
+    return (scores, probs) if with_probs else scores
 
 
-def oracle_scores(data: RankingData) -> dict[str, float]:
-    """The world's true probabilities on test (simulated data only; its watch time: the true expected watch)."""
+def oracle_scores(data: RankingData, with_probs: bool = False):
+    """The world's true probabilities on test (simulated data only; its watch time: the true expected watch); with
+    ``with_probs`` also the probabilities [R, T]."""
     oracle = data.source.oracle[data.parts["test"][_ROW].to_numpy()]
     probs = np.stack([oracle[ORACLE_OF[t]].to_numpy() for t in data.tasks], axis=1)
     watch = oracle["e_play_ms"].to_numpy() / 1000.0 if "e_play_ms" in oracle.columns else None
-    return score_split(probs, watch, data)
+    scores = score_split(probs, watch, data)
+    return (scores, probs) if with_probs else scores
 
 
 # ------------------------------------------------------------------------------------------------ training

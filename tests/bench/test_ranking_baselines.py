@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from funnelrec.bench import list_benchmarks, render_markdown, result_to_json, run_benchmark
 from funnelrec.bench.ranking_baselines import MODELS, load_ranking_data, loader_throughput, score_split
 from funnelrec.cli import app
+from funnelrec.errors import ConfigError
 
 TASKS = ("is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward")
 SMALL = "sim:small?num_users=150&days=4"
@@ -93,6 +94,22 @@ def test_score_split_aligns_rows_and_slices():
     assert perfect["xauc.watch"] == pytest.approx(1.0)
     flipped = score_split(1.0 - y, None, rd)
     assert flipped["auc.is_click"] == pytest.approx(0.0) and math.isnan(flipped["xauc.watch"])
+
+
+def test_eval_users_keeps_the_same_users_in_valid_and_test():
+    full = load_ranking_data(SMALL, history_len=10)
+    sub = load_ranking_data(SMALL, history_len=10, eval_users=20)
+    again = load_ranking_data(SMALL, history_len=10, eval_users=20)
+    kept = set(sub.parts["valid"]["user_id"].to_list()) | set(sub.parts["test"]["user_id"].to_list())
+    assert len(kept) == 20
+    assert sub.parts["train"].equals(full.parts["train"])  # train untouched
+    for k in ("valid", "test"):
+        assert sub.parts[k].equals(again.parts[k])  # drawn once, deterministic
+        expected = full.parts[k].filter(full.parts[k]["user_id"].is_in(list(kept)))
+        assert sub.parts[k].equals(expected)  # every impression of a kept user, in order
+        assert len(sub.datasets[k]) > 0
+    with pytest.raises(ConfigError, match="eval_users"):
+        load_ranking_data(SMALL, history_len=10, eval_users=0)
 
 
 def test_loader_throughput_compares_the_same_batches():

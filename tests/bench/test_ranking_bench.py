@@ -15,7 +15,9 @@ from funnelrec.bench.ranking import ENTRIES, SWITCH_ROWS
 from funnelrec.cli import app
 from funnelrec.ranking import RANKERS
 
-ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge")
+ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge", "rankmixer-single_scenario")
+TASKS = ("is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward")
+SMALL = "sim:small?num_users=150&days=4"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,87 @@ def test_quick_run_rows_and_claims(quick):
 def test_report_tables(quick):
     md = render_markdown(result_to_json(quick))
     assert "### Test AUC" in md and "### The papers' claims" in md and "| longer-no_merge |" in md
+    assert "### Test AUC per tab" in md
+
+
+def test_per_tab_figures_and_the_single_scenario_row(quick):
+    r = quick.results
+    tabs = sorted(int(k.split(".")[1][3:]) for k in r if k.startswith("rankmixer.tab") and k.endswith(".auc_mean"))
+    assert tabs, "no tab has enough test impressions for per-tab figures"
+    for t in tabs:
+        per_task = [r[f"rankmixer.tab{t}.auc.{task}"] for task in TASKS]
+        finite = [a for a in per_task if a is not None and np.isfinite(a)]
+        assert r[f"rankmixer.tab{t}.auc_mean"] == pytest.approx(np.mean(finite))
+        assert f"popularity.tab{t}.auc_mean" in r and f"oracle.tab{t}.auc_mean" in r
+    single = "rankmixer-single_scenario"
+    assert r[f"{single}.lr"] == r["rankmixer.lr"] and 0.0 <= r[f"{single}.auc_mean"] <= 1.0
+    assert r[f"{single}.flops_per_sample"] == r["rankmixer.flops_per_sample"]  # the same architecture per tab
+    assert r[f"{single}.auc.is_click"] != r["rankmixer.auc.is_click"]  # ... trained on other data
+
+
+def test_tab_scores_and_tab_views():
+    from funnelrec.bench.ranking import report_tabs, tab_scores, tab_view, trainable_tabs
+    from funnelrec.bench.ranking_baselines import load_ranking_data
+
+    rd = load_ranking_data(SMALL, history_len=8)
+    test = rd.parts["test"]
+    y = np.stack([test[t].to_numpy() for t in rd.tasks], axis=1).astype(float)
+    tabs = report_tabs(rd)
+    counts = dict(zip(*np.unique(test["tab"].to_numpy(), return_counts=True)))
+    assert tabs == sorted(int(t) for t, n in counts.items() if n >= 1_000)
+    perfect = tab_scores(y, rd, tabs)
+    for t in tabs:
+        assert perfect[f"tab{t}.auc.is_click"] == pytest.approx(1.0)
+    noisy = y.copy()
+    rows = test["tab"].to_numpy() == tabs[0]
+    noisy[rows] = 1.0 - noisy[rows]  # wrong on one tab only
+    flipped = tab_scores(noisy, rd, tabs)
+    assert flipped[f"tab{tabs[0]}.auc.is_click"] == pytest.approx(0.0)
+    assert all(flipped[f"tab{t}.auc_mean"] == perfect[f"tab{t}.auc_mean"] for t in tabs[1:])
+    tab = trainable_tabs(rd)[0]
+    view = tab_view(rd, tab)
+    for k, df in view.parts.items():
+        assert (df["tab"] == tab).all() and df.height == (rd.parts[k]["tab"] == tab).sum()
+    assert view.spec is rd.spec and len(view.datasets["train"]) > 0
+
+
+def test_extend_merges_rows_into_the_previous_run(tmp_path, monkeypatch):
+    import json
+
+    from funnelrec.errors import ConfigError
+
+    monkeypatch.setenv("FUNNELREC_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    try:
+        kw = dict(json_mode=False, write=True, out_dir=tmp_path, data=SMALL, seeds=1, threads=1)
+        first = run_benchmark("ranking", quick=False, rows=("mmoe",), **kw).results
+        with pytest.raises(ConfigError, match="seeds"):
+            run_benchmark("ranking", quick=False, rows=("dcnv2",), extend=True, **{**kw, "seeds": 2})
+        merged = run_benchmark("ranking", quick=False, rows=("dcnv2",), extend=True, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    r = merged.results
+    assert r["mmoe.auc_mean"] == first["mmoe.auc_mean"] and r["mmoe.lr"] == first["mmoe.lr"]
+    assert "dcnv2.auc_mean" in r and "rankmixer_minus_best_of_dcnv2_mmoe_auc_mean" not in r  # no rankmixer row
+    doc = json.loads((tmp_path / "ranking.json").read_text())
+    assert doc["config"]["rows"] == ["mmoe", "dcnv2"] and doc["config"]["extended"]["rows"] == ["dcnv2"]
+    assert "| dcnv2 |" in (tmp_path / "ranking.md").read_text() and "| mmoe |" in (tmp_path / "ranking.md").read_text()
+    with pytest.raises(ConfigError, match="--extend"):
+        run_benchmark("ranking", quick=True, json_mode=False, write=False, rows=("mmoe",), extend=True)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["ranking", "--quick", "--rows", "nosuch"], "nosuch"),
+    (["ranking", "--quick", "--rows", " , "], "--rows"),
+    (["ranking", "--quick", "--rows", "mmoe", "--extend"], "--extend"),
+    (["simulator", "--quick", "--rows", "mmoe"], "does not take --rows"),
+    (["simulator", "--quick", "--extend"], "does not take --extend"),
+])
+def test_bad_row_options_are_one_line_and_exit_2(args, needle):
+    res = CliRunner().invoke(app, ["bench", *args])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], res.output
 
 
 def test_bad_rows_and_seeds():
