@@ -7,17 +7,26 @@ the impressions of ``eval_users`` users drawn once (the same for every model). P
 test AUC, GAUC, gap closed between the popularity/position floor and the oracle, watch-time XAUC; parameters,
 forward+backward FLOPs per sample (``FlopCounterMode``) and training samples/s; mean ± std over seeds.
 
-Rows (:class:`Entry`): the baselines (MMoE, PLE, DIN, DCNv2, a plain full-attention Transformer), the paper models
-(RankMixer, LONGER) and one-flag ablations (RankMixer without token mixing / with one shared FFN; LONGER without
-token merge / with uniformly sampled queries). **Tuning** (valid only, equal budget): every main row gets the same
+Rows (:class:`Entry`): the baselines (MMoE, PLE, DIN, DCNv2, a plain full-attention Transformer, the two-stage
+LONGER + RankMixer pipeline, RankMixer trained per tab as the single-scenario model), the paper models (RankMixer,
+LONGER; HyFormer, MTmixAtt) and one-flag ablations (RankMixer without token mixing / with one shared FFN; LONGER
+without token merge / with uniformly sampled queries; HyFormer with merged sequences / without the pooled query input /
+without global tokens; MTmixAtt with random or manual groups, fixed mixing, zero-initialised mixing, the ReLU-sparse
+MoE). **Tuning** (valid only, equal budget): every main row gets the same
 learning-rate grid with seed 0 and early stopping on the valid mean AUC; an ablation reuses its parent's learning rate
 (one flag changes, nothing else). Budgets: the non-sequence models are sized to ~1.2–1.5 MFLOPs/sample (±20 % of
-MMoE's, ``tests/ranking/test_ranker_registry.py``); the two sequence models read the same history (128 events in the full run) and LONGER is cheaper
-than the full Transformer by construction (token merge, k sampled queries) — the FLOPs column shows by how much.
+MMoE's, ``tests/ranking/test_ranker_registry.py``); the sequence models read the same history (128 events in the
+full run); LONGER is cheaper than the full Transformer by construction (token merge, k sampled queries) — the FLOPs
+column shows by how much — and HyFormer matches the two-stage LONGER + RankMixer pipeline's FLOPs (±25 %,
+``tests/ranking/test_ranker_registry.py``). MTmixAtt matches RankMixer's FLOPs (its sparse scenario experts give it
+about twice the dense parameters).
 
 **The papers' claims as bars** (targets): LONGER's mean test AUC above the full Transformer's at fewer FLOPs;
-RankMixer's above DCNv2's and MMoE's at matched FLOPs; and the *switch test*: on the same world with the long-term
-interest effect switched off (``interests.long_term_enabled=false``), LONGER's edge over DIN shrinks.
+RankMixer's above DCNv2's and MMoE's at matched FLOPs; HyFormer's at or above LONGER + RankMixer's at matched FLOPs;
+MTmixAtt's above RankMixer's on every reported tab and above the single-scenario models' on every non-main tab; and
+the *switch tests*: with the long-term interest effect switched off (``interests.long_term_enabled=false``),
+LONGER's edge over DIN shrinks; with the tab effect switched off (``responses.tab_effect=false``), MTmixAtt's per-tab
+edge over RankMixer shrinks.
 
 **Scenarios** (KuaiRand ``tab``): every row also reports its mean test AUC per tab (tabs with at least
 ``MIN_TAB_ROWS`` test impressions); a *single-scenario* row (``Entry.per_tab``) trains one model per tab on that
@@ -50,8 +59,8 @@ import polars as pl
 
 from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
 from funnelrec.bench.ranking_baselines import (
-    LR_GRID, RankingData, build_model, fit_model, load_ranking_data, mean_std, oracle_scores, popularity_scores, predict_split,
-    score_split,
+    LR_GRID, RankingData, build_model, fit_model, load_ranking_data, mean_std, oracle_scores, popularity_scores,
+    predict_split, score_split,
 )
 from funnelrec.bench.ranking_report import plot_rows, summary_markdown
 from funnelrec.data.dataset import RequestDataset
@@ -93,6 +102,18 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("longer-no_merge", "longer", {"merge": "none"}, parent="longer"),
     Entry("longer-uniform_queries", "longer", {"query_sampling": "uniform"}, parent="longer"),
     Entry("rankmixer-single_scenario", "rankmixer", parent="rankmixer", per_tab=True),
+    # Ranking II: HyFormer against the two-stage LONGER + RankMixer pipeline; MTmixAtt against RankMixer per tab
+    Entry("longer_rankmixer", "longer_rankmixer"),
+    Entry("hyformer", "hyformer"),
+    Entry("hyformer-merged", "hyformer", {"sequences": "merged"}, parent="hyformer"),
+    Entry("hyformer-no_pooled_query", "hyformer", {"pooled_query": False}, parent="hyformer"),
+    Entry("hyformer-no_global_tokens", "hyformer", {"global_tokens": False}, parent="hyformer"),
+    Entry("mtmixatt", "mtmixatt"),
+    Entry("mtmixatt-random_groups", "mtmixatt", {"grouping": "random"}, parent="mtmixatt"),
+    Entry("mtmixatt-manual_groups", "mtmixatt", {"grouping": "manual"}, parent="mtmixatt"),
+    Entry("mtmixatt-fixed_mixing", "mtmixatt", {"mixing": "fixed"}, parent="mtmixatt"),
+    Entry("mtmixatt-zero_init", "mtmixatt", {"mixing_init": "zero"}, parent="mtmixatt"),
+    Entry("mtmixatt-relu_sparse", "mtmixatt", {"moe": "relu_sparse"}, parent="mtmixatt"),
 )
 
 
@@ -119,6 +140,7 @@ class Switch:
 
 SWITCHES: tuple[Switch, ...] = (
     Switch("long_term", "interests.long_term_enabled=false", "switch.", ("longer", "din")),
+    Switch("tab", "responses.tab_effect=false", "switch_tab.", ("mtmixatt", "rankmixer"), per_tab=True),
 )
 #: Backward-compatible names of the long-term switch.
 SWITCH_ROWS = SWITCHES[0].rows
@@ -147,7 +169,7 @@ class Sizes:
 
 
 #: Models that read the event sequence as tokens (they take ``seq_args``).
-SEQUENCE_MODELS = ("longer", "transformer")
+SEQUENCE_MODELS = ("longer", "transformer", "longer_rankmixer", "hyformer")
 
 
 def sizes(quick: bool, data: str | None) -> Sizes:
@@ -170,7 +192,7 @@ def _with_override(spec: str, override: str) -> str:
 
 def _model_args(entry: Entry, size: Sizes) -> dict[str, Any]:
     extra = size.seq_args if entry.model in SEQUENCE_MODELS else {}
-    if entry.model == "longer":
+    if entry.model in ("longer", "longer_rankmixer"):
         extra = {**extra, **size.longer_args}
     return {**size.model_args, **extra, **entry.args}
 

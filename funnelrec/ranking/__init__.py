@@ -1,5 +1,5 @@
 """Multi-task rankers: the baselines (Shared-Bottom, MMoE, PLE, DIN, DCNv2, a plain Transformer encoder), the paper
-models (RankMixer, LONGER), their registry, and the popularity/position-only floor.
+models (RankMixer, LONGER, HyFormer and the two-stage LONGER + RankMixer baseline, MTmixAtt), their registry, and the popularity/position-only floor.
 
 Every ranker reads the same ``RankingInputs`` (same feature spec, same embedding tables) and follows the contract of
 ``funnelrec.ranking.base``: ``forward(batch) -> {"logits": [B, M, T], "watch": [B, M]}``, ``predict``,
@@ -14,8 +14,9 @@ Example:
     >>> model = build_ranker("mmoe", spec, num_experts=2)
     >>> type(model).__name__, model.config.num_experts, model.config.item_vocab
     ('MMoE', 2, [4])
-    >>> sorted(RANKERS)
-    ['dcnv2', 'din', 'longer', 'mmoe', 'ple', 'rankmixer', 'shared_bottom', 'transformer']
+    >>> sorted(RANKERS)  # doctest: +NORMALIZE_WHITESPACE
+    ['dcnv2', 'din', 'hyformer', 'longer', 'longer_rankmixer', 'mmoe', 'mtmixatt', 'ple', 'rankmixer',
+     'shared_bottom', 'transformer']
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from funnelrec.ranking.base import MultiTaskRanker, RankerConfig
 from funnelrec.ranking.budget import count_params, count_params_flops
 from funnelrec.ranking.dcnv2 import DCNv2, DCNv2Config
 from funnelrec.ranking.din import DIN, DINConfig
+from funnelrec.ranking.hyformer import HyFormer, HyFormerConfig
 from funnelrec.ranking.longer import Longer, LongerConfig
+from funnelrec.ranking.longer_rankmixer import LongerRankMixer, LongerRankMixerConfig
 from funnelrec.ranking.inputs import RankingFeatures, RankingInputs
 from funnelrec.ranking.losses import multitask_loss
 from funnelrec.ranking.mmoe import MMoE, MMoEConfig
+from funnelrec.ranking.mtmixatt import MTmixAtt, MTmixAttConfig
 from funnelrec.ranking.ple import PLE, PLEConfig
 from funnelrec.ranking.rankmixer import RankMixer, RankMixerConfig
 from funnelrec.ranking.shared_bottom import SharedBottom, SharedBottomConfig
@@ -51,6 +55,9 @@ RANKERS: dict[str, tuple[type[RankerConfig], type[MultiTaskRanker]]] = {
     "rankmixer": (RankMixerConfig, RankMixer),
     "longer": (LongerConfig, Longer),
     "transformer": (TransformerRankerConfig, TransformerRanker),
+    "longer_rankmixer": (LongerRankMixerConfig, LongerRankMixer),
+    "hyformer": (HyFormerConfig, HyFormer),
+    "mtmixatt": (MTmixAttConfig, MTmixAtt),
 }
 
 #: Config fields filled from the feature spec and the objective registry.
@@ -95,5 +102,7 @@ __all__ = [
     "RankerConfig", "MultiTaskRanker", "RankingInputs", "RankingFeatures",
     "SharedBottom", "SharedBottomConfig", "MMoE", "MMoEConfig", "PLE", "PLEConfig", "DIN", "DINConfig",
     "DCNv2", "DCNv2Config", "RankMixer", "RankMixerConfig", "Longer", "LongerConfig", "TransformerRanker",
-    "TransformerRankerConfig", "WatchTimeDebiaser", "multitask_loss", "count_params", "count_params_flops",
+    "TransformerRankerConfig", "HyFormer", "HyFormerConfig", "LongerRankMixer", "LongerRankMixerConfig",
+    "MTmixAtt", "MTmixAttConfig",
+    "WatchTimeDebiaser", "multitask_loss", "count_params", "count_params_flops",
 ]

@@ -15,7 +15,8 @@ from funnelrec.bench.ranking import ENTRIES, SWITCH_ROWS
 from funnelrec.cli import app
 from funnelrec.ranking import RANKERS
 
-ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge", "rankmixer-single_scenario")
+ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge", "rankmixer-single_scenario",
+        "longer_rankmixer", "hyformer", "mtmixatt")
 TASKS = ("is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward")
 SMALL = "sim:small?num_users=150&days=4"
 
@@ -62,6 +63,25 @@ def test_quick_run_rows_and_claims(quick):
     assert r["longer_edge_shrink_switch_off"] == pytest.approx(
         (r["longer.auc_mean"] - r["din.auc_mean"]) - (r["switch.longer.auc_mean"] - r["switch.din.auc_mean"]))
     assert {t.name for t in quick.targets} >= {"longer_minus_transformer_auc_mean", "longer_edge_shrink_switch_off"}
+
+
+def test_ranking_ii_claims(quick):
+    r = quick.results
+    assert r["hyformer_minus_longer_rankmixer_auc_mean"] == pytest.approx(
+        r["hyformer.auc_mean"] - r["longer_rankmixer.auc_mean"])
+    tabs = [t for t in range(16) if f"mtmixatt.tab{t}.auc_mean" in r]
+    edges = [r[f"mtmixatt.tab{t}.auc_mean"] - r[f"rankmixer.tab{t}.auc_mean"] for t in tabs]
+    assert r["mtmixatt_minus_rankmixer_tab_auc_min"] == pytest.approx(min(edges))
+    assert r["mtmixatt_tabs_won_vs_rankmixer"] == pytest.approx(np.mean(np.array(edges) > 0))
+    nonmain = [r[f"mtmixatt.tab{t}.auc_mean"] - r[f"rankmixer-single_scenario.tab{t}.auc_mean"] for t in tabs if t != 1]
+    if nonmain:
+        assert r["mtmixatt_minus_single_scenario_nonmain_tab_auc_mean"] == pytest.approx(np.mean(nonmain))
+    # the tab switch trained MTmixAtt and RankMixer again on the world without the tab effect
+    assert "switch_tab.mtmixatt.auc_mean" in r and "switch_tab.rankmixer.auc_mean" in r
+    off = [r[f"switch_tab.mtmixatt.tab{t}.auc_mean"] - r[f"switch_tab.rankmixer.tab{t}.auc_mean"] for t in tabs]
+    assert r["mtmixatt_tab_edge_shrink_switch_off"] == pytest.approx(np.mean(edges) - np.mean(off))
+    assert {t.name for t in quick.targets} >= {"hyformer_minus_longer_rankmixer_auc_mean",
+                                               "mtmixatt_tab_edge_shrink_switch_off"}
 
 
 def test_report_tables(quick):

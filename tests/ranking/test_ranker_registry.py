@@ -44,7 +44,8 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
     cfg = ranker_config(name, spec)
     assert cfg.user_vocab == spec.vocab_sizes("user_sparse") and cfg.item_vocab == spec.vocab_sizes("item_sparse")
     assert (cfg.user_dense, cfg.item_dense, cfg.num_tasks, cfg.embed_dim) == (4, 2, 6, 16)
-    assert cfg.history_pool == (256 if name in ("longer", "transformer") else 100)  # sequence models read more
+    sequence_models = ("longer", "transformer", "hyformer", "longer_rankmixer")
+    assert cfg.history_pool == (256 if name in sequence_models else 100)  # sequence models read more
     model = build_ranker(name, spec, embed_dim=8, head=4)
     assert isinstance(model, RANKERS[name][1]) and model.config.embed_dim == 8 and model.config.head == 4
     assert model(batch)["logits"].shape == (8, 1, 6)
@@ -56,8 +57,9 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
 
 
 def test_registry_errors_name_the_problem(spec):
-    with pytest.raises(ConfigError, match=r"unknown ranker 'xgboost'; valid rankers: dcnv2, din, longer, mmoe, "
-                                          r"ple, rankmixer, shared_bottom, transformer"):
+    valid = ("dcnv2, din, hyformer, longer, longer_rankmixer, mmoe, mtmixatt, ple, rankmixer, shared_bottom, "
+             "transformer")
+    with pytest.raises(ConfigError, match=rf"unknown ranker 'xgboost'; valid rankers: {valid}"):
         build_ranker("xgboost", spec)
     with pytest.raises(ConfigError, match=r"unknown option 'num_expert' for ranker 'mmoe'.*num_experts"):
         build_ranker("mmoe", spec, num_expert=3)
@@ -83,6 +85,21 @@ def test_default_configs_match_budgets(spec, batch):
         assert abs(c["flops_per_sample"] / ref["flops_per_sample"] - 1) <= 0.2, (name, c, ref)
     dense = [c["params_dense"] for c in costs.values()]
     assert max(dense) / min(dense) <= 1.2
+
+
+def test_hyformer_matches_the_two_stage_pipeline_budget(spec):
+    """HyFormer is compared with LONGER + RankMixer at equal FLOPs (the paper's claim): defaults within +-25 %."""
+    from funnelrec.data.batch import RequestBatch
+
+    b = RequestBatch.empty(batch_size=4, history=128, candidates=2, user_fields=len(spec.user_sparse),
+                           user_dense=spec.num_user_dense, item_fields=len(spec.item_sparse),
+                           item_dense=spec.num_item_dense)
+    b.hist_len[:] = 128
+    b.hist_items[:] = 1
+    b.hist_actions[..., :3] = 1.0  # every event a click, long view and like: full behaviour sequences
+    costs = {n: count_params_flops(build_ranker(n, spec, history_pool=128), b)["flops_per_sample"]
+             for n in ("hyformer", "longer_rankmixer")}
+    assert 0.8 <= costs["hyformer"] / costs["longer_rankmixer"] <= 1.25, costs
 
 
 def test_count_params_flops_counts_what_it_says():

@@ -107,8 +107,11 @@ def test_gradients_reach_exactly_the_embedding_rows_used(name, watched, debiaser
     assert user_touched == set((batch.user_sparse + inputs.user_emb.offsets).flatten().tolist())
     pos_touched = set(torch.nonzero(inputs.pos_emb.weight.grad.abs().sum(1)).squeeze(1).tolist())
     assert pos_touched == set(batch.position[batch.cand_mask].tolist())
+    # LoRA adapters start as B = 0 (the scenarios start on the shared heads), so A learns from the second step
+    lora_a = {"heads.hidden_lora.a", "heads.out_lora.a"}
     for pname, p in model.named_parameters():  # every layer, gate, expert and head learns
-        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+        if pname not in lora_a:
+            assert p.grad is not None and p.grad.abs().sum() > 0, pname
     # the watch head learns from the watch loss alone
     model.zero_grad()
     out = model(batch)
