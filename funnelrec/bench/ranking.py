@@ -353,6 +353,31 @@ def _tab_edge(res: dict[str, Any], model: str, base: str, tabs: list[int], prefi
             if f"{prefix}{model}.tab{t}.auc_mean" in res and f"{prefix}{base}.tab{t}.auc_mean" in res]
 
 
+#: The sparse tasks of the seesaw claim (OneRank: they gain without the dense task, click, losing).
+SPARSE_TASKS = ("is_follow", "is_comment", "is_forward")
+
+
+def seesaw(res: dict[str, Any], model: str, base: str, tasks: tuple[str, ...]) -> None:
+    """The seesaw figures of ``model`` against ``base``: tasks improved / degraded (any margin), tasks worse by more
+    than 2 std (std of the difference over seeds: sqrt(std_model² + std_base²)), the smallest gain on the sparse
+    tasks and the click difference in units of that std."""
+    diffs, stds = {}, {}
+    for t in tasks:
+        diffs[t] = res[f"{model}.auc.{t}"] - res[f"{base}.auc.{t}"]
+        s_m, s_b = res.get(f"{model}.auc.{t}.std"), res.get(f"{base}.auc.{t}.std")
+        stds[t] = math.sqrt(np.nan_to_num(s_m) ** 2 + np.nan_to_num(s_b) ** 2)
+    res[f"{model}_tasks_improved_vs_{base}"] = float(sum(d > 0 for d in diffs.values()))
+    res[f"{model}_tasks_degraded_vs_{base}"] = float(sum(d < 0 for d in diffs.values()))
+    res[f"{model}_tasks_worse_than_{base}_by_2std"] = float(sum(diffs[t] < -2 * stds[t] for t in tasks))
+    sparse = [t for t in SPARSE_TASKS if t in diffs]
+    if sparse:
+        res[f"{model}_sparse_gain_min_vs_{base}"] = float(min(diffs[t] for t in sparse))
+    if "is_click" in diffs:
+        res[f"{model}_click_minus_{base}"] = diffs["is_click"]
+        res[f"{model}_click_minus_{base}_in_std"] = (diffs["is_click"] / stds["is_click"] if stds["is_click"] > 0
+                                                     else math.nan)  # one seed: no spread to compare with
+
+
 def claims(res: dict[str, Any], rd: RankingData, keys: list[str], switches: list[Switch]) -> None:
     """Gap closed per row and task, and the figures behind the papers' claims (for the rows present)."""
     for k in keys:
@@ -382,6 +407,9 @@ def claims(res: dict[str, Any], rd: RankingData, keys: list[str], switches: list
     if {"mtmixatt", single} <= have and (edges := _tab_edge(res, "mtmixatt", single, nonmain)):
         res["mtmixatt_minus_single_scenario_nonmain_tab_auc_mean"] = float(np.mean(edges))
         res["mtmixatt_minus_single_scenario_nonmain_tab_auc_min"] = float(min(edges))
+    if {"onerank", "ple"} <= have:
+        seesaw(res, "onerank", "ple", rd.tasks)
+        res["onerank_flops_vs_ple"] = res["onerank.flops_per_sample"] / res["ple.flops_per_sample"]
     for sw in switches:
         model, base = sw.rows
         if sw.per_tab:
@@ -401,7 +429,9 @@ def targets_for(res: dict[str, Any], switches: list[Switch]) -> list[Target]:
             ("hyformer_minus_longer_rankmixer_auc_mean", ">=", 0.0),
             ("hyformer_flops_vs_longer_rankmixer", "in", (0.8, 1.25)),
             ("mtmixatt_minus_rankmixer_tab_auc_min", ">", 0.0), ("mtmixatt_flops_vs_rankmixer", "in", (0.8, 1.2)),
-            ("mtmixatt_minus_single_scenario_nonmain_tab_auc_min", ">", 0.0)]
+            ("mtmixatt_minus_single_scenario_nonmain_tab_auc_min", ">", 0.0),
+            ("onerank_tasks_worse_than_ple_by_2std", "<=", 0.0), ("onerank_sparse_gain_min_vs_ple", ">", 0.0),
+            ("onerank_click_minus_ple_in_std", ">=", -2.0), ("onerank_flops_vs_ple", "in", (0.8, 1.2))]
     bars += [(sw.shrink_key, ">", 0.0) for sw in switches]
     return [Target(name, op, value) for name, op, value in bars if name in res]
 

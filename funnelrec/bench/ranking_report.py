@@ -26,6 +26,9 @@ CLAIM_KEYS = (
     "mtmixatt_minus_single_scenario_nonmain_tab_auc_mean", "mtmixatt_minus_single_scenario_nonmain_tab_auc_min",
     "mtmixatt_tab_edge_over_rankmixer", "mtmixatt_tab_edge_over_rankmixer_switch_off",
     "mtmixatt_tab_edge_shrink_switch_off",
+    "onerank_tasks_improved_vs_ple", "onerank_tasks_degraded_vs_ple", "onerank_tasks_worse_than_ple_by_2std",
+    "onerank_sparse_gain_min_vs_ple", "onerank_click_minus_ple", "onerank_click_minus_ple_in_std",
+    "onerank_flops_vs_ple",
 )
 
 

@@ -105,6 +105,21 @@ def test_per_tab_figures_and_the_single_scenario_row(quick):
     assert r[f"{single}.auc.is_click"] != r["rankmixer.auc.is_click"]  # ... trained on other data
 
 
+def test_seesaw_counts_against_the_baseline():
+    from funnelrec.bench.ranking import seesaw
+
+    res = {}
+    for t, (m, b, s) in zip(TASKS, [(0.70, 0.70, 0.001), (0.75, 0.74, 0.001), (0.70, 0.72, 0.004),
+                                   (0.80, 0.78, 0.002), (0.71, 0.70, 0.001), (0.69, 0.70, 0.01)]):
+        res.update({f"m.auc.{t}": m, f"m.auc.{t}.std": s, f"b.auc.{t}": b, f"b.auc.{t}.std": s})
+    seesaw(res, "m", "b", TASKS)
+    assert res["m_tasks_improved_vs_b"] == 3 and res["m_tasks_degraded_vs_b"] == 2  # click ties
+    # like: -0.02 against 2 * sqrt(2) * 0.004 = 0.0113 -> worse; forward: -0.01 against 0.028 -> within noise
+    assert res["m_tasks_worse_than_b_by_2std"] == 1
+    assert res["m_sparse_gain_min_vs_b"] == pytest.approx(-0.01)  # follow +0.02, comment +0.01, forward -0.01
+    assert res["m_click_minus_b"] == 0.0 and res["m_click_minus_b_in_std"] == 0.0
+
+
 def test_tab_scores_and_tab_views():
     from funnelrec.bench.ranking import report_tabs, tab_scores, tab_view, trainable_tabs
     from funnelrec.bench.ranking_baselines import load_ranking_data
