@@ -9,10 +9,10 @@ forward+backward FLOPs per sample (``FlopCounterMode``) and training samples/s; 
 
 Rows (:class:`Entry`): the baselines (MMoE, PLE, DIN, DCNv2, a plain full-attention Transformer, the two-stage
 LONGER + RankMixer pipeline, RankMixer trained per tab as the single-scenario model), the paper models (RankMixer,
-LONGER; HyFormer, MTmixAtt) and one-flag ablations (RankMixer without token mixing / with one shared FFN; LONGER
+LONGER; HyFormer, MTmixAtt; OneRank) and one-flag ablations (RankMixer without token mixing / with one shared FFN; LONGER
 without token merge / with uniformly sampled queries; HyFormer with merged sequences / without the pooled query input /
 without global tokens; MTmixAtt with random or manual groups, fixed mixing, zero-initialised mixing, the ReLU-sparse
-MoE). **Tuning** (valid only, equal budget): every main row gets the same
+MoE; OneRank without the task mask, without gradient detachment, with MLP heads instead of matching). **Tuning** (valid only, equal budget): every main row gets the same
 learning-rate grid with seed 0 and early stopping on the valid mean AUC; an ablation reuses its parent's learning rate
 (one flag changes, nothing else). Budgets: the non-sequence models are sized to ~1.2–1.5 MFLOPs/sample (±20 % of
 MMoE's, ``tests/ranking/test_ranker_registry.py``); the sequence models read the same history (128 events in the
@@ -26,7 +26,8 @@ RankMixer's above DCNv2's and MMoE's at matched FLOPs; HyFormer's at or above LO
 MTmixAtt's above RankMixer's on every reported tab and above the single-scenario models' on every non-main tab; and
 the *switch tests*: with the long-term interest effect switched off (``interests.long_term_enabled=false``),
 LONGER's edge over DIN shrinks; with the tab effect switched off (``responses.tab_effect=false``), MTmixAtt's per-tab
-edge over RankMixer shrinks.
+edge over RankMixer shrinks. OneRank against PLE (the seesaw): no task worse by more than 2 std, a gain on every
+sparse task (follow, comment, forward), click not worse by more than 2 std, at matched FLOPs.
 
 **Scenarios** (KuaiRand ``tab``): every row also reports its mean test AUC per tab (tabs with at least
 ``MIN_TAB_ROWS`` test impressions); a *single-scenario* row (``Entry.per_tab``) trains one model per tab on that
@@ -114,6 +115,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("mtmixatt-fixed_mixing", "mtmixatt", {"mixing": "fixed"}, parent="mtmixatt"),
     Entry("mtmixatt-zero_init", "mtmixatt", {"mixing_init": "zero"}, parent="mtmixatt"),
     Entry("mtmixatt-relu_sparse", "mtmixatt", {"moe": "relu_sparse"}, parent="mtmixatt"),
+    # Ranking III: OneRank against PLE / MMoE (the seesaw)
+    Entry("onerank", "onerank"),
+    Entry("onerank-no_mask", "onerank", {"task_mask": False}, parent="onerank"),
+    Entry("onerank-no_detach", "onerank", {"detach_cross": False, "detach_shared": False}, parent="onerank"),
+    Entry("onerank-mlp_heads", "onerank", {"scoring": "mlp"}, parent="onerank"),
 )
 
 

@@ -1,5 +1,5 @@
 """Multi-task rankers: the baselines (Shared-Bottom, MMoE, PLE, DIN, DCNv2, a plain Transformer encoder), the paper
-models (RankMixer, LONGER, HyFormer and the two-stage LONGER + RankMixer baseline, MTmixAtt), their registry, and the popularity/position-only floor.
+models (RankMixer, LONGER, HyFormer and the two-stage LONGER + RankMixer baseline, MTmixAtt, OneRank), their registry, and the popularity/position-only floor.
 
 Every ranker reads the same ``RankingInputs`` (same feature spec, same embedding tables) and follows the contract of
 ``funnelrec.ranking.base``: ``forward(batch) -> {"logits": [B, M, T], "watch": [B, M]}``, ``predict``,
@@ -15,8 +15,8 @@ Example:
     >>> type(model).__name__, model.config.num_experts, model.config.item_vocab
     ('MMoE', 2, [4])
     >>> sorted(RANKERS)  # doctest: +NORMALIZE_WHITESPACE
-    ['dcnv2', 'din', 'hyformer', 'longer', 'longer_rankmixer', 'mmoe', 'mtmixatt', 'ple', 'rankmixer',
-     'shared_bottom', 'transformer']
+    ['dcnv2', 'din', 'hyformer', 'longer', 'longer_rankmixer', 'mmoe', 'mtmixatt', 'onerank', 'ple',
+     'rankmixer', 'shared_bottom', 'transformer']
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from funnelrec.ranking.inputs import RankingFeatures, RankingInputs
 from funnelrec.ranking.losses import multitask_loss
 from funnelrec.ranking.mmoe import MMoE, MMoEConfig
 from funnelrec.ranking.mtmixatt import MTmixAtt, MTmixAttConfig
+from funnelrec.ranking.onerank import OneRank, OneRankConfig
 from funnelrec.ranking.ple import PLE, PLEConfig
 from funnelrec.ranking.rankmixer import RankMixer, RankMixerConfig
 from funnelrec.ranking.shared_bottom import SharedBottom, SharedBottomConfig
@@ -58,6 +59,7 @@ RANKERS: dict[str, tuple[type[RankerConfig], type[MultiTaskRanker]]] = {
     "longer_rankmixer": (LongerRankMixerConfig, LongerRankMixer),
     "hyformer": (HyFormerConfig, HyFormer),
     "mtmixatt": (MTmixAttConfig, MTmixAtt),
+    "onerank": (OneRankConfig, OneRank),
 }
 
 #: Config fields filled from the feature spec and the objective registry.
@@ -103,6 +105,6 @@ __all__ = [
     "SharedBottom", "SharedBottomConfig", "MMoE", "MMoEConfig", "PLE", "PLEConfig", "DIN", "DINConfig",
     "DCNv2", "DCNv2Config", "RankMixer", "RankMixerConfig", "Longer", "LongerConfig", "TransformerRanker",
     "TransformerRankerConfig", "HyFormer", "HyFormerConfig", "LongerRankMixer", "LongerRankMixerConfig",
-    "MTmixAtt", "MTmixAttConfig",
+    "MTmixAtt", "MTmixAttConfig", "OneRank", "OneRankConfig",
     "WatchTimeDebiaser", "multitask_loss", "count_params", "count_params_flops",
 ]

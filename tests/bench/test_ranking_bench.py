@@ -16,7 +16,7 @@ from funnelrec.cli import app
 from funnelrec.ranking import RANKERS
 
 ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge", "rankmixer-single_scenario",
-        "longer_rankmixer", "hyformer", "mtmixatt")
+        "longer_rankmixer", "hyformer", "mtmixatt", "ple", "onerank")
 TASKS = ("is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward")
 SMALL = "sim:small?num_users=150&days=4"
 
@@ -82,6 +82,13 @@ def test_ranking_ii_claims(quick):
     assert r["mtmixatt_tab_edge_shrink_switch_off"] == pytest.approx(np.mean(edges) - np.mean(off))
     assert {t.name for t in quick.targets} >= {"hyformer_minus_longer_rankmixer_auc_mean",
                                                "mtmixatt_tab_edge_shrink_switch_off"}
+
+
+def test_ranking_iii_seesaw_figures(quick):
+    r = quick.results
+    assert r["onerank_tasks_improved_vs_ple"] + r["onerank_tasks_degraded_vs_ple"] <= len(TASKS)
+    assert r["onerank_click_minus_ple"] == pytest.approx(r["onerank.auc.is_click"] - r["ple.auc.is_click"])
+    assert r["onerank_flops_vs_ple"] == pytest.approx(r["onerank.flops_per_sample"] / r["ple.flops_per_sample"])
 
 
 def test_report_tables(quick):

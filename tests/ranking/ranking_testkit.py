@@ -11,7 +11,8 @@ USER_VOCAB, ITEM_VOCAB = [12, 4], [30, 6, 5]
 B, N, M, T = 4, 8, 5, 6
 #: the classic baselines (matched budgets, DESIGN §7) and every registered ranker.
 BASELINE_NAMES = ("shared_bottom", "mmoe", "ple", "din", "dcnv2")
-RANKER_NAMES = (*BASELINE_NAMES, "rankmixer", "longer", "transformer", "longer_rankmixer", "hyformer", "mtmixatt")
+RANKER_NAMES = (*BASELINE_NAMES, "rankmixer", "longer", "transformer", "longer_rankmixer", "hyformer", "mtmixatt",
+                "onerank")
 #: small sizes for the unit tests (every model at the same tiny scale)
 SMALL = {
     "shared_bottom": {"bottom": [32, 16]},
@@ -25,6 +26,7 @@ SMALL = {
     "longer_rankmixer": {"dim": 16, "heads": 2, "num_queries": 4, "merge_k": 2, "mixer_mult": 1},
     "hyformer": {"dim": 16, "heads": 2, "seq_len": 4, "num_queries": 2, "query_hidden": 8, "short_len": 3,
                  "mixer_mult": 1},
+    "onerank": {"dim": 8, "heads": 2, "ffn_mult": 1},
     "mtmixatt": {"dim": 12, "field_dim": 4, "num_scenarios": 4, "scene_hidden": 4, "lora_rank": 2},
 }
 

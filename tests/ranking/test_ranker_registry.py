@@ -57,8 +57,8 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
 
 
 def test_registry_errors_name_the_problem(spec):
-    valid = ("dcnv2, din, hyformer, longer, longer_rankmixer, mmoe, mtmixatt, ple, rankmixer, shared_bottom, "
-             "transformer")
+    valid = ("dcnv2, din, hyformer, longer, longer_rankmixer, mmoe, mtmixatt, onerank, ple, rankmixer, "
+             "shared_bottom, transformer")
     with pytest.raises(ConfigError, match=rf"unknown ranker 'xgboost'; valid rankers: {valid}"):
         build_ranker("xgboost", spec)
     with pytest.raises(ConfigError, match=r"unknown option 'num_expert' for ranker 'mmoe'.*num_experts"):

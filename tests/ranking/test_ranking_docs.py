@@ -11,7 +11,8 @@ MODULES = ["funnelrec.ranking", "funnelrec.ranking.inputs", "funnelrec.ranking.b
            "funnelrec.ranking.watch_time", "funnelrec.ranking.budget", "funnelrec.ranking.shared_bottom",
            "funnelrec.ranking.mmoe", "funnelrec.ranking.ple", "funnelrec.ranking.din", "funnelrec.ranking.dcnv2",
            "funnelrec.ranking.rankmixer", "funnelrec.ranking.longer", "funnelrec.ranking.transformer",
-           "funnelrec.ranking.hyformer", "funnelrec.ranking.longer_rankmixer", "funnelrec.ranking.mtmixatt"]
+           "funnelrec.ranking.hyformer", "funnelrec.ranking.longer_rankmixer", "funnelrec.ranking.mtmixatt",
+           "funnelrec.ranking.onerank"]
 
 
 @pytest.mark.parametrize("module", MODULES)
