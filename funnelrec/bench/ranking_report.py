@@ -82,26 +82,38 @@ def summary_markdown(res: dict[str, Any], rows: Sequence[str], tasks: Sequence[s
 
 def plot_rows(res: dict[str, Any], rows: Sequence[str], ablations: set[str], out_dir: Path,
               stem: str = "ranking") -> list[str]:
-    """Mean test AUC per row (error bars: std over seeds) against FLOPs/sample, floor and oracle as lines."""
+    """Two panels: each row's mean test AUC above the popularity floor (error bars: std over seeds; the oracle's
+    margin in the title), and the same against forward+backward FLOPs per sample (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for key in rows:
-        x, y, s = res[f"{key}.flops_per_sample"], res[f"{key}.auc_mean"], res[f"{key}.auc_mean.std"]
-        ax.errorbar(x, y, yerr=s if np.isfinite(s) else None, fmt="x" if key in ablations else "o", capsize=3)
-        ax.annotate(key, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    for ref, color in (("popularity", "k"), ("oracle", "r")):
-        if f"{ref}.auc_mean" in res:
-            ax.axhline(res[f"{ref}.auc_mean"], color=color, ls="--", lw=1, label=ref)
-    ax.set_xscale("log")
-    ax.set_xlabel("forward+backward FLOPs per sample")
-    ax.set_ylabel("mean test AUC over tasks")
-    ax.set_title("Ranking models: quality against cost (o: models, x: ablations)")
-    ax.legend(fontsize=8)
+    floor = res.get("popularity.auc_mean", 0.0)
+    lift = np.array([res[f"{k}.auc_mean"] - floor for k in rows])
+    err = np.array([np.nan_to_num(res.get(f"{k}.auc_mean.std", 0.0)) for k in rows])
+    colors = ["tab:gray" if k in ablations else "tab:blue" for k in rows]
+    fig, (bars, cost) = plt.subplots(1, 2, figsize=(12, 0.32 * len(rows) + 2.2),
+                                     gridspec_kw={"width_ratios": [1.1, 1]})
+    y = np.arange(len(rows))[::-1]
+    bars.barh(y, lift, xerr=err, color=colors, capsize=2)
+    bars.set_yticks(y, rows, fontsize=8)
+    bars.axvline(0, color="k", lw=0.8)
+    oracle = res.get("oracle.auc_mean")
+    title = "mean test AUC − popularity floor" + (f" (oracle: +{oracle - floor:.3f})" if oracle else "")
+    bars.set_title(title, fontsize=10)
+    for k, yy, v, e in zip(rows, y, lift, err):
+        bars.annotate(f"{v:+.4f}", (max(v, 0) + e, yy), xytext=(3, -3), textcoords="offset points", fontsize=7)
+    for k, c in zip(rows, colors):
+        x, v = res[f"{k}.flops_per_sample"], res[f"{k}.auc_mean"] - floor
+        s = np.nan_to_num(res.get(f"{k}.auc_mean.std", 0.0))
+        cost.errorbar(x, v, yerr=s, fmt="x" if k in ablations else "o", color=c, capsize=2)
+        cost.annotate(k, (x, v), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    cost.axhline(0, color="k", lw=0.8)
+    cost.set_xscale("log")
+    cost.set_xlabel("forward+backward FLOPs per sample")
+    cost.set_title("against cost (o: models, x: ablations)", fontsize=10)
     fig.tight_layout()
     name = f"{stem}_auc_vs_flops.png"
     fig.savefig(out_dir / name, dpi=110)
