@@ -2,7 +2,7 @@
 attention (DIN), the DCNv2 cross network, mixture-of-experts layers (MMoE, PLE), tokenizers, token mixing and
 per-token FFNs (RankMixer), ReLU-routed sparse MoE with DTSI routing, the attention mask builder and sequence
 attention kernels (LONGER), and AutoToken, learnable token mixing, shared dense / scenario-aware sparse MoE and
-MLoRA adapters (MTmixAtt)."""
+MLoRA adapters (MTmixAtt), and SVD target attention over long histories (SOLAR)."""
 
 from funnelrec.nn.autotoken import GROUPINGS, AutoToken, FieldEncoders, random_groups
 from funnelrec.nn.attention import ActivationUnit, TargetAttention, target_attention
@@ -14,6 +14,7 @@ from funnelrec.nn.mlora import ScenarioLoRA
 from funnelrec.nn.masks import TokenLayout, additive_mask, attention_mask, causal_mask, key_padding_mask
 from funnelrec.nn.routers import DTSI_MIXES, ReLURouterMoE, SparsityController
 from funnelrec.nn.scenario_moe import ScenarioSparseMoE, SharedDenseMoE, TokenExperts
+from funnelrec.nn.svd_attention import HistorySVD, SVDTargetAttention, history_svd
 from funnelrec.nn.seq_attention import (CrossCausalEncoder, SeqAttentionLayer, SeqKVCache, TokenMerge,
                                         masked_attention)
 from funnelrec.nn.token_mixing import PerTokenFFN, SharedFFN, TokenMixing
@@ -30,4 +31,5 @@ __all__ = [
     "masked_attention", "SeqAttentionLayer", "TokenMerge", "SeqKVCache", "CrossCausalEncoder",
     "AutoToken", "FieldEncoders", "random_groups", "GROUPINGS", "LearnableTokenMixing", "MIXING_INITS",
     "SharedDenseMoE", "ScenarioSparseMoE", "TokenExperts", "ScenarioLoRA",
+    "SVDTargetAttention", "HistorySVD", "history_svd",
 ]
