@@ -151,6 +151,14 @@ def test_tab_scores_and_tab_views():
     for k, df in view.parts.items():
         assert (df["tab"] == tab).all() and df.height == (rd.parts[k]["tab"] == tab).sum()
     assert view.spec is rd.spec and len(view.datasets["train"]) > 0
+    # a tab's view scores its test rows exactly as the full test set does (same histories, same row order)
+    from funnelrec.bench.ranking_baselines import build_model, predict_split
+
+    model = build_model("mmoe", rd, {"embed_dim": 4})
+    full, _ = predict_split(model, rd.datasets["test"], test.height, with_watch=False)
+    rows = np.flatnonzero(test["tab"].to_numpy() == tab)
+    part, _ = predict_split(model, view.datasets["test"], len(rows), with_watch=False)
+    np.testing.assert_allclose(part, full[rows], atol=1e-6)
 
 
 def test_extend_merges_rows_into_the_previous_run(tmp_path, monkeypatch):
