@@ -68,7 +68,7 @@ from funnelrec.nn.scenario_moe import ScenarioSparseMoE, SharedDenseMoE
 from funnelrec.nn.token_mixing import TokenMixing
 from funnelrec.nn.tokenizers import check_groups
 from funnelrec.ranking.base import MultiTaskRanker, RankerConfig, TaskHeads
-from funnelrec.ranking.rankmixer import RankMixerConfig
+from funnelrec.ranking.rankmixer import RankMixerConfig, RouterPenaltyMixin
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
 
 MIXINGS = ("learnable", "fixed")
@@ -335,7 +335,7 @@ class MTmixAttBlock(nn.Module):
         return out + x if self.norm == "postnormr" else out
 
 
-class MTmixAtt(MultiTaskRanker):
+class MTmixAtt(RouterPenaltyMixin, MultiTaskRanker):
     """MTmixAtt multi-task, multi-scenario ranker (see the module docstring).
 
     Args:
@@ -378,19 +378,6 @@ class MTmixAtt(MultiTaskRanker):
         """The ReLU sparse-MoE layers (empty with ``moe="sigmoid_dense"``)."""
         return [b.dense for b in self.blocks if isinstance(b.dense, ReLURouterMoE)]
 
-    def router_penalty(self) -> Tensor:
-        """Σ over blocks of λ · L1 of the last forward's ReLU gates (0 with the sigmoid dense MoE)."""
-        total = self.heads.out.weight.new_zeros(())
-        for moe in self.moe_layers():
-            total = total + moe.penalty
-        return total
-
-    @property
-    def activation_ratio(self) -> float | None:
-        """Mean share of open ReLU gates in the last forward (None with the sigmoid dense MoE)."""
-        layers = self.moe_layers()
-        return sum(m.activation_ratio for m in layers) / len(layers) if layers else None
-
     def forward(self, batch: RequestBatch) -> dict[str, Tensor]:
         """``logits`` [B, M, T] and ``watch`` [B, M]."""
         scenario = self.scenario(batch)
@@ -399,7 +386,3 @@ class MTmixAtt(MultiTaskRanker):
             x = block(x, scenario, batch.cand_mask)
         return self.split_heads(self.heads(self.final_norm(x).mean(-2), scenario))
 
-    def training_loss(self, batch: RequestBatch) -> Tensor:
-        """The multi-task loss + the L1 gate penalty of this forward (``moe="relu_sparse"`` only)."""
-        out = self(batch)
-        return self.loss(out, batch) + self.router_penalty()

@@ -225,7 +225,33 @@ class RankMixerBlock(nn.Module):
         return self.ffn_norm(self.drop(y) + x)
 
 
-class RankMixer(MultiTaskRanker):
+class RouterPenaltyMixin:
+    """The L1 gate penalty and the activation ratio of a ranker whose blocks may hold ``ReLURouterMoE`` layers
+    (RankMixer, MTmixAtt). The ranker lists them in ``moe_layers()``; ``training_loss`` adds the penalty."""
+
+    def moe_layers(self) -> list[ReLURouterMoE]:
+        raise NotImplementedError
+
+    def router_penalty(self) -> Tensor:
+        """Σ over blocks of λ · L1 of the last forward's gates (0 for a dense model or after an eval forward)."""
+        total = self.heads.out.weight.new_zeros(())
+        for moe in self.moe_layers():
+            total = total + moe.penalty
+        return total
+
+    @property
+    def activation_ratio(self) -> float | None:
+        """Mean share of open inference-router gates over the MoE blocks in the last forward (None if dense)."""
+        layers = self.moe_layers()
+        return sum(m.activation_ratio for m in layers) / len(layers) if layers else None
+
+    def training_loss(self, batch: RequestBatch) -> Tensor:
+        """The multi-task loss + the L1 gate penalty of this forward (sparse MoE only)."""
+        out = self(batch)
+        return self.loss(out, batch) + self.router_penalty()
+
+
+class RankMixer(RouterPenaltyMixin, MultiTaskRanker):
     """RankMixer multi-task ranker (see the module docstring).
 
     Args:
@@ -263,27 +289,9 @@ class RankMixer(MultiTaskRanker):
         """The sparse-MoE FFNs (empty for a dense model)."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, ReLURouterMoE)]
 
-    def router_penalty(self) -> Tensor:
-        """Σ over blocks of λ · L1 of the last forward's gates (0 for a dense model or after an eval forward)."""
-        total = self.heads.out.weight.new_zeros(())
-        for moe in self.moe_layers():
-            total = total + moe.penalty
-        return total
-
-    @property
-    def activation_ratio(self) -> float | None:
-        """Mean share of open inference-router gates over the MoE blocks in the last forward (None if dense)."""
-        layers = self.moe_layers()
-        return sum(m.activation_ratio for m in layers) / len(layers) if layers else None
-
     def forward(self, batch: RequestBatch) -> dict[str, Tensor]:
         """``logits`` [B, M, T] and ``watch`` [B, M]."""
         x = self.tokenizer(self.features(batch).flat)  # [B, M, T, D]
         for block in self.blocks:
             x = block(x, batch.cand_mask)
         return self.split_heads(self.heads(x.mean(-2)))
-
-    def training_loss(self, batch: RequestBatch) -> Tensor:
-        """The multi-task loss + the L1 gate penalty of this forward (sparse MoE only)."""
-        out = self(batch)
-        return self.loss(out, batch) + self.router_penalty()
