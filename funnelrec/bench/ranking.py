@@ -286,43 +286,33 @@ def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs
             grid = (chosen.get(e.key, chosen.get(e.parent)),)
         else:
             grid = size.lr_grid
-        preds, facts, cost_model = [], [], None
-        if e.per_tab:
-            if views is None:
-                views = {t: tab_view(rd, t) for t in trainable_tabs(rd)}
-            trials = []
-            for lr in grid:
-                log(f"{key}: seed 0, lr {lr:g}, one model per tab")
-                probs, watch, f = fit_predict_per_tab(e, rd, lr, size, 0, args, views)
-                trials.append((f["valid_auc_mean"], lr, (probs, watch), f))
-            best = max(trials, key=lambda t: (np.nan_to_num(t[0], nan=-1.0), -t[1]))
-            lr = best[1]
-            preds.append(best[2])
-            facts.append(best[3])
-            for seed in range(1, seeds):
-                log(f"{key}: seed {seed}, lr {lr:g}, one model per tab")
+        if e.per_tab and views is None:
+            views = {t: tab_view(rd, t) for t in trainable_tabs(rd)}
+
+        def fit_once(seed: int, lr: float):
+            """Train one model (or one per tab: their test predictions, as the models are not kept);
+            returns (facts, model or (probs, watch))."""
+            log(f"{key}: seed {seed}, lr {lr:g}" + (", one model per tab" if e.per_tab else ""))
+            if e.per_tab:
                 probs, watch, f = fit_predict_per_tab(e, rd, lr, size, seed, args, views)
-                preds.append((probs, watch))
-                facts.append(f)
-            cost_model = build_model(e.model, rd, args)  # every tab's model has this architecture
-        else:
-            trials = []
-            for lr in grid:
-                log(f"{key}: seed 0, lr {lr:g}")
-                model, f = fit_model(e.model, rd, lr, size.epochs, size.batch_size, 0, args)
-                trials.append((f["valid_auc_mean"], lr, model, f))
-            best = max(trials, key=lambda t: (np.nan_to_num(t[0], nan=-1.0), -t[1]))
-            lr = best[1]
-            models = [best[2]]
-            facts.append(best[3])
-            for seed in range(1, seeds):
-                log(f"{key}: seed {seed}, lr {lr:g}")
-                model, f = fit_model(e.model, rd, lr, size.epochs, size.batch_size, seed, args)
-                models.append(model)
-                facts.append(f)
-            preds = [predict_split(m, rd.datasets["test"], rd.parts["test"].height, batch_size=1024,
-                                   with_watch=rd.has_watch) for m in models]
-            cost_model = best[2]
+                return f, (probs, watch)
+            model, f = fit_model(e.model, rd, lr, size.epochs, size.batch_size, seed, args)
+            return f, model
+
+        def test_predictions(fitted):
+            if isinstance(fitted, tuple):
+                return fitted
+            return predict_split(fitted, rd.datasets["test"], rd.parts["test"].height, batch_size=1024,
+                                 with_watch=rd.has_watch)
+
+        trials = [(lr, *fit_once(0, lr)) for lr in grid]
+        best = max(trials, key=lambda t: (np.nan_to_num(t[1]["valid_auc_mean"], nan=-1.0), -t[0]))
+        lr = best[0]
+        runs = [best[1:]] + [fit_once(seed, lr) for seed in range(1, seeds)]
+        facts = [f for f, _ in runs]
+        preds = [test_predictions(fitted) for _, fitted in runs]
+        # every tab's model has the parent's architecture: cost that on a fresh one
+        cost_model = build_model(e.model, rd, args) if e.per_tab else best[2]
         chosen[e.key] = lr
         per_seed = []
         for i, (probs, watch) in enumerate(preds):
@@ -334,7 +324,7 @@ def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs
         auc_means = [float(np.nanmean([s[f"auc.{t}"] for t in rd.tasks])) for s in per_seed]
         res[f"{key}.auc_mean"], res[f"{key}.auc_mean.std"] = mean_std(auc_means)
         res[f"{key}.lr"] = lr
-        res[f"{key}.valid_auc_mean"] = best[0]
+        res[f"{key}.valid_auc_mean"] = best[1]["valid_auc_mean"]
         res[f"{key}.samples_per_s"] = float(np.mean([f["samples_per_s"] for f in facts]))
         res[f"{key}.epochs_run"] = float(np.mean([f["epochs_run"] for f in facts]))
         cost = count_params_flops(cost_model, sample)
