@@ -12,7 +12,13 @@ LONGER + RankMixer pipeline, RankMixer trained per tab as the single-scenario mo
 LONGER; HyFormer, MTmixAtt; OneRank) and one-flag ablations (RankMixer without token mixing / with one shared FFN; LONGER
 without token merge / with uniformly sampled queries; HyFormer with merged sequences / without the pooled query input /
 without global tokens; MTmixAtt with random or manual groups, fixed mixing, zero-initialised mixing, the ReLU-sparse
-MoE; OneRank without the task mask, without gradient detachment, with MLP heads instead of matching). **Tuning** (valid only, equal budget): every main row gets the same
+MoE; OneRank without the task mask, without gradient detachment, with MLP heads instead of matching) and the *lifelong*
+rows of Ranking IV (``Entry.lifelong``: histories of every event, up to ``Sizes.lifelong_len``): SOLAR (SVD attention
+over the whole history), softmax target attention over the last 512 events and over every event, linear attention
+and SIM-style top-k attention over every event (all on SOLAR's backbone, ``funnelrec.ranking.solar``), SOLAR with
+``svd_exact``; DIN (the last 100 events) is their short-history baseline. A SOLAR-backbone row also reports the
+energy ranks R90/R95/R99 of its learned event tokens (and of the same model at initialisation) over the test users'
+lifelong histories — SOLAR's low-rank premise. **Tuning** (valid only, equal budget): every main row gets the same
 learning-rate grid with seed 0 and early stopping on the valid mean AUC; an ablation reuses its parent's learning rate
 (one flag changes, nothing else). Budgets: the non-sequence models are sized to ~1.2–1.5 MFLOPs/sample (±20 % of
 MMoE's, ``tests/ranking/test_ranker_registry.py``); the sequence models read the same history (128 events in the
@@ -27,7 +33,9 @@ MTmixAtt's above RankMixer's on every reported tab and above the single-scenario
 the *switch tests*: with the long-term interest effect switched off (``interests.long_term_enabled=false``),
 LONGER's edge over DIN shrinks; with the tab effect switched off (``responses.tab_effect=false``), MTmixAtt's per-tab
 edge over RankMixer shrinks. OneRank against PLE (the seesaw): no task worse by more than 2 std, a gain on every
-sparse task (follow, comment, forward), click not worse by more than 2 std, at matched FLOPs.
+sparse task (follow, comment, forward), click not worse by more than 2 std, at matched FLOPs. SOLAR above
+truncated-512 attention, DIN, linear and SIM-style attention; with the long-term interest effect switched off, its edge
+over truncated attention (the value of the lifelong history) shrinks.
 
 **Scenarios** (KuaiRand ``tab``): every row also reports its mean test AUC per tab (tabs with at least
 ``MIN_TAB_ROWS`` test impressions); a *single-scenario* row (``Entry.per_tab``) trains one model per tab on that
@@ -57,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
 from funnelrec.bench.ranking_baselines import (
@@ -68,6 +77,7 @@ from funnelrec.data.dataset import RequestDataset
 from funnelrec.errors import ConfigError
 from funnelrec.metrics import auc, gap_closed
 from funnelrec.ranking.budget import count_params_flops
+from funnelrec.ranking.solar import ENERGY_FRACTIONS, energy_ranks
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ class Entry:
         parent: for an ablation, the row whose tuned learning rate it reuses (None: tuned itself).
         per_tab: a single-scenario row: one model per tab, each trained (and early-stopped) on its tab's impressions
             only, each tab's test impressions scored by its own model.
+        lifelong: the row reads lifelong histories (``Sizes.lifelong_len`` events, every event of ``sim:long``)
+            instead of the run's ``history_len``; tuned on ``Sizes.lifelong_lr_grid``.
     """
 
     key: str
@@ -88,6 +100,7 @@ class Entry:
     args: dict[str, Any] = field(default_factory=dict)
     parent: str | None = None
     per_tab: bool = False
+    lifelong: bool = False
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -120,6 +133,13 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("onerank-no_mask", "onerank", {"task_mask": False}, parent="onerank"),
     Entry("onerank-no_detach", "onerank", {"detach_cross": False, "detach_shared": False}, parent="onerank"),
     Entry("onerank-mlp_heads", "onerank", {"scoring": "mlp"}, parent="onerank"),
+    # Ranking IV: SOLAR on the lifelong history against truncated, linear and SIM-style attention (and DIN above)
+    Entry("solar", "solar", lifelong=True),
+    Entry("target_attention-last512", "solar", {"attention": "full", "history_pool": 512}, lifelong=True),
+    Entry("linear_attention-lifelong", "solar", {"attention": "linear"}, lifelong=True),
+    Entry("sim-lifelong", "solar", {"attention": "sim"}, lifelong=True),
+    Entry("target_attention-lifelong", "solar", {"attention": "full"}, lifelong=True),
+    Entry("solar-svd_exact", "solar", {"attention": "svd_exact"}, parent="solar", lifelong=True),
 )
 
 
@@ -147,6 +167,7 @@ class Switch:
 SWITCHES: tuple[Switch, ...] = (
     Switch("long_term", "interests.long_term_enabled=false", "switch.", ("longer", "din")),
     Switch("tab", "responses.tab_effect=false", "switch_tab.", ("mtmixatt", "rankmixer"), per_tab=True),
+    Switch("lifelong", "interests.long_term_enabled=false", "switch.", ("solar", "target_attention-last512")),
 )
 #: Backward-compatible names of the long-term switch.
 SWITCH_ROWS = SWITCHES[0].rows
@@ -172,6 +193,13 @@ class Sizes:
     model_args: dict[str, Any] = field(default_factory=dict)
     seq_args: dict[str, Any] = field(default_factory=dict)
     longer_args: dict[str, Any] = field(default_factory=dict)
+    lifelong_len: int = 8192
+    lifelong_lr_grid: tuple[float, ...] | None = None
+    solar_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lifelong_grid(self) -> tuple[float, ...]:
+        return self.lifelong_lr_grid or self.lr_grid
 
 
 #: Models that read the event sequence as tokens (they take ``seq_args``).
@@ -182,12 +210,15 @@ def sizes(quick: bool, data: str | None) -> Sizes:
     if quick:
         return Sizes(data or "sim:small?num_users=150&days=4", None, 16, 1, 64, (3e-3,),
                      model_args={"embed_dim": 8}, seq_args={"history_pool": 16, "dim": 8},
-                     longer_args={"num_queries": 4})
+                     longer_args={"num_queries": 4}, lifelong_len=48, solar_args={"dim": 8, "rank": 4, "topk": 8})
     # Sized for two CPU cores: the full Transformer (every candidate re-encodes the history) trains at ~800 samples/s
     # at 128 events and ~300 at 256, so the run keeps 128 events, 200k train impressions, one epoch, and the valid and
     # test impressions of 1,000 of the 3,000 users (~78k each) — about an hour for every row, 3 seeds, the switch test.
+    # The lifelong rows (every event: up to 5.3k in sim:long, padded to the batch's longest) train at ~110 requests/s,
+    # so they are tuned on one learning rate — the top of LR_GRID, which every main row of the full run chose.
     return Sizes(data or "sim:long", 200_000, 128, 1, 256, LR_GRID, eval_users=1000,
-                 seq_args={"history_pool": 128}, longer_args={"num_queries": 16})
+                 seq_args={"history_pool": 128}, longer_args={"num_queries": 16}, lifelong_len=8192,
+                 lifelong_lr_grid=(max(LR_GRID),))
 
 
 def _with_override(spec: str, override: str) -> str:
@@ -200,6 +231,8 @@ def _model_args(entry: Entry, size: Sizes) -> dict[str, Any]:
     extra = size.seq_args if entry.model in SEQUENCE_MODELS else {}
     if entry.model in ("longer", "longer_rankmixer"):
         extra = {**extra, **size.longer_args}
+    if entry.model == "solar":
+        extra = {"history_pool": size.lifelong_len, **size.solar_args}
     return {**size.model_args, **extra, **entry.args}
 
 
@@ -231,17 +264,52 @@ def trainable_tabs(rd: RankingData) -> list[int]:
     return sorted(have[0] & have[1])
 
 
+def _rebuild(rd: RankingData, parts: dict[str, pl.DataFrame], history_len: int, note: str) -> RankingData:
+    """``rd`` with other impressions and/or another history length (same spec, vocabularies, timelines, debiaser)."""
+    ref = rd.datasets["train"]
+    datasets = {k: RequestDataset(df, rd.source.users, rd.source.videos, rd.spec, ref.timelines,
+                                  history_len=history_len, tasks=rd.tasks)
+                for k, df in parts.items() if df.height}
+    return RankingData(rd.source, rd.tasks, parts, datasets, rd.spec, rd.watch, rd.protocol + note)
+
+
 def tab_view(rd: RankingData, tab: int) -> RankingData:
     """``rd`` restricted to the impressions of one tab (same feature spec, vocabularies, histories and debiaser)."""
     parts = {k: df.filter(pl.col("tab") == tab) for k, df in rd.parts.items()}
     empty = [k for k, df in parts.items() if k != "test" and df.height == 0]
     if empty:
         raise ConfigError(f"tab {tab} has no {empty[0]} impressions: a single-scenario model cannot be trained")
-    ref = rd.datasets["train"]
-    datasets = {k: RequestDataset(df, rd.source.users, rd.source.videos, rd.spec, ref.timelines,
-                                  history_len=ref.history_len, tasks=rd.tasks)
-                for k, df in parts.items() if df.height}
-    return RankingData(rd.source, rd.tasks, parts, datasets, rd.spec, rd.watch, rd.protocol + f"; tab {tab} only")
+    return _rebuild(rd, parts, rd.datasets["train"].history_len, f"; tab {tab} only")
+
+
+def lifelong_view(rd: RankingData, history_len: int) -> RankingData:
+    """``rd`` with histories of ``history_len`` events (the same impressions, in the same order)."""
+    return _rebuild(rd, rd.parts, history_len, f"; histories of {history_len} events")
+
+
+def history_spectrum_figures(model, ds: RequestDataset, batch_size: int = 128) -> dict[str, float]:
+    """SOLAR's low-rank premise on learned embeddings: for the last request of every user of ``ds``, the energy
+    ranks R90/R95/R99 of the model's event-token matrix (``model.history_spectrum``): median, mean and 90th
+    percentile over users, the token width and the median number of events."""
+    users = ds.user_ids.numpy()
+    last = len(users) - 1 - np.unique(users[::-1], return_index=True)[1]  # requests are in time order
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [model.history_spectrum(ds.batch(last[i: i + batch_size])) for i in range(0, len(last), batch_size)]
+    finally:
+        model.train(was_training)
+    s = torch.cat([p[0] for p in parts])
+    events = torch.cat([p[1] for p in parts]).double()
+    ranks = energy_ranks(s, ENERGY_FRACTIONS).double()
+    out = {"spectrum.dim": float(s.shape[-1]), "spectrum.users": float(len(last)),
+           "spectrum.events_median": float(events.median())}
+    for j, frac in enumerate(ENERGY_FRACTIONS):
+        r = ranks[:, j]
+        name = f"spectrum.r{round(frac * 100)}"
+        out.update({f"{name}.median": float(r.median()), f"{name}.mean": float(r.mean()),
+                    f"{name}.p90": float(torch.quantile(r, 0.9))})
+    return out
 
 
 def fit_predict_per_tab(entry: Entry, rd: RankingData, lr: float, size: Sizes, seed: int, args: dict[str, Any],
@@ -277,17 +345,21 @@ def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs
     res: dict[str, Any] = {}
     chosen: dict[str, float] = dict(lrs or {})
     tabs = report_tabs(rd)
-    sample = rd.datasets["train"].batch(np.arange(min(64, len(rd.datasets["train"]))))
     views: dict[int, RankingData] | None = None
+    lifelong: RankingData | None = None
     for e in entries:
         args = _model_args(e, size)
         key = prefix + e.key
         if e.key in chosen or e.parent in chosen:
             grid = (chosen.get(e.key, chosen.get(e.parent)),)
         else:
-            grid = size.lr_grid
+            grid = size.lifelong_grid if e.lifelong else size.lr_grid
         if e.per_tab and views is None:
             views = {t: tab_view(rd, t) for t in trainable_tabs(rd)}
+        if e.lifelong and lifelong is None:
+            lifelong = lifelong_view(rd, size.lifelong_len)
+        data = lifelong if e.lifelong else rd  # same impressions in the same order: scored against rd's labels
+        sample = data.datasets["train"].batch(np.arange(min(64, len(data.datasets["train"]))))
 
         def fit_once(seed: int, lr: float):
             """Train one model (or one per tab: their test predictions, as the models are not kept);
@@ -296,14 +368,14 @@ def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs
             if e.per_tab:
                 probs, watch, f = fit_predict_per_tab(e, rd, lr, size, seed, args, views)
                 return f, (probs, watch)
-            model, f = fit_model(e.model, rd, lr, size.epochs, size.batch_size, seed, args)
+            model, f = fit_model(e.model, data, lr, size.epochs, size.batch_size, seed, args)
             return f, model
 
         def test_predictions(fitted):
             if isinstance(fitted, tuple):
                 return fitted
-            return predict_split(fitted, rd.datasets["test"], rd.parts["test"].height, batch_size=1024,
-                                 with_watch=rd.has_watch)
+            return predict_split(fitted, data.datasets["test"], rd.parts["test"].height,
+                                 batch_size=256 if e.lifelong else 1024, with_watch=rd.has_watch)
 
         trials = [(lr, *fit_once(0, lr)) for lr in grid]
         best = max(trials, key=lambda t: (np.nan_to_num(t[1]["valid_auc_mean"], nan=-1.0), -t[0]))
@@ -329,6 +401,11 @@ def run_rows(rd: RankingData, entries: list[Entry], size: Sizes, seeds: int, lrs
         res[f"{key}.epochs_run"] = float(np.mean([f["epochs_run"] for f in facts]))
         cost = count_params_flops(cost_model, sample)
         res.update({f"{key}.{k}": cost[k] for k in ("params_dense", "params_embedding", "flops_per_sample")})
+        if hasattr(cost_model, "history_spectrum"):  # the low-rank premise: learned vs freshly initialised tokens
+            res.update({f"{key}.{k}": v for k, v in history_spectrum_figures(cost_model, data.datasets["test"]).items()})
+            torch.manual_seed(0)
+            fresh = build_model(e.model, data, args)
+            res.update({f"{key}.init_{k}": v for k, v in history_spectrum_figures(fresh, data.datasets["test"]).items()})
     return res, chosen
 
 
@@ -347,6 +424,16 @@ def _add_references(res: dict[str, Any], rd: RankingData, prefix: str = "") -> N
 def _tab_edge(res: dict[str, Any], model: str, base: str, tabs: list[int], prefix: str = "") -> list[float]:
     return [res[f"{prefix}{model}.tab{t}.auc_mean"] - res[f"{prefix}{base}.tab{t}.auc_mean"] for t in tabs
             if f"{prefix}{model}.tab{t}.auc_mean" in res and f"{prefix}{base}.tab{t}.auc_mean" in res]
+
+
+#: SOLAR's comparisons: truncated full attention, DIN on the last 100 events, linear and SIM-style attention on the
+#: lifelong history (bars), and full softmax attention on the lifelong history (the reference it approximates).
+SOLAR_BASELINES = ("target_attention-last512", "din", "linear_attention-lifelong", "sim-lifelong",
+                   "target_attention-lifelong")
+
+
+def _ident(key: str) -> str:
+    return key.replace("-", "_")
 
 
 #: The sparse tasks of the seesaw claim (OneRank: they gain without the dense task, click, losing).
@@ -406,6 +493,10 @@ def claims(res: dict[str, Any], rd: RankingData, keys: list[str], switches: list
     if {"onerank", "ple"} <= have:
         seesaw(res, "onerank", "ple", rd.tasks)
         res["onerank_flops_vs_ple"] = res["onerank.flops_per_sample"] / res["ple.flops_per_sample"]
+    for base in SOLAR_BASELINES:
+        if {"solar", base} <= have:
+            res[f"solar_minus_{_ident(base)}_auc_mean"] = res["solar.auc_mean"] - res[f"{base}.auc_mean"]
+            res[f"solar_flops_vs_{_ident(base)}"] = res["solar.flops_per_sample"] / res[f"{base}.flops_per_sample"]
     for sw in switches:
         model, base = sw.rows
         if sw.per_tab:
@@ -428,6 +519,7 @@ def targets_for(res: dict[str, Any], switches: list[Switch]) -> list[Target]:
             ("mtmixatt_minus_single_scenario_nonmain_tab_auc_min", ">", 0.0),
             ("onerank_tasks_worse_than_ple_by_2std", "<=", 0.0), ("onerank_sparse_gain_min_vs_ple", ">", 0.0),
             ("onerank_click_minus_ple_in_std", ">=", -2.0), ("onerank_flops_vs_ple", "in", (0.8, 1.2))]
+    bars += [(f"solar_minus_{_ident(b)}_auc_mean", ">", 0.0) for b in SOLAR_BASELINES[:4]]
     bars += [(sw.shrink_key, ">", 0.0) for sw in switches]
     return [Target(name, op, value) for name, op, value in bars if name in res]
 
@@ -513,6 +605,7 @@ def bench_ranking(quick: bool = False, data: str | None = None, seeds: int | Non
     config = {"data": size.data, "rows": keys, "seeds": seeds, "lr_grid": list(size.lr_grid),
               "epochs": size.epochs, "batch_size": size.batch_size, "history_len": size.history_len,
               "train_rows": size.train_rows, "eval_users": size.eval_users, "threads": threads,
+              "lifelong_len": size.lifelong_len, "lifelong_lr_grid": list(size.lifelong_grid),
               "switches": {sw.name: sw.override for sw in switches},
               "model_args": {e.key: _model_args(e, size) for e in present}}
     if extend:

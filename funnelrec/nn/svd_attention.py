@@ -165,14 +165,18 @@ class HistorySVD:
 
     @classmethod
     def from_history(cls, history: Tensor, valid: Tensor | None = None, *, rank: int,
-                     keep_history: bool = False) -> HistorySVD:
-        """Decompose ``history`` [B, N, D] (rows where ``valid`` [B, N] is False are ignored) at rank ``rank``."""
+                     keep_history: bool = False, gram_dtype: torch.dtype = torch.float64) -> HistorySVD:
+        """Decompose ``history`` [B, N, D] (rows where ``valid`` [B, N] is False are ignored) at rank ``rank``.
+
+        ``gram_dtype``: the dtype the Gram ``XᵀX`` is accumulated in (float64 by default; training may pass the
+        history's own dtype to skip the [B, N, D] float64 copy — the D×D eigenproblem is solved in float64 either way).
+        """
         _check_history(history, valid)
         d = history.shape[-1]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= d:
             raise ConfigError(f"rank must be an integer in [1, D={d}], got {rank!r}")
-        xm = _masked_history(history.detach(), valid).double()
-        gram = xm.transpose(-1, -2) @ xm
+        xm = _masked_history(history.detach(), valid).to(gram_dtype)
+        gram = (xm.transpose(-1, -2) @ xm).double()
         count = (valid.sum(-1) if valid is not None else
                  torch.full(history.shape[:1], history.shape[1], device=history.device)).long()
         s, v = top_eig(gram, rank)
@@ -351,6 +355,8 @@ class SVDTargetAttention(nn.Module):
         topk: k of ``sim``.
         both_signs: ``svd_compact`` attends to the 2R tokens ±z_k (sign-convention free).
         normalize: ``svd_compact`` uses ``Z / √n`` (n = valid events; ours, default) instead of ``Z = U_Rᵀ X``.
+        train_gram_dtype: the Gram's accumulation dtype under autograd (None: float64, as at inference; the
+            history's dtype halves the decomposition's cost in training, where round-off of the Gram is harmless).
         device, dtype: of the projection weights.
 
     Example:
@@ -360,7 +366,8 @@ class SVDTargetAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 1, mode: str = "svd_compact", rank: int = 32, chunk: int = 1024,
-                 topk: int = 100, both_signs: bool = False, normalize: bool = True, device=None, dtype=None):
+                 topk: int = 100, both_signs: bool = False, normalize: bool = True, train_gram_dtype=None,
+                 device=None, dtype=None):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("rank", rank), ("chunk", chunk), ("topk", topk)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -371,6 +378,7 @@ class SVDTargetAttention(nn.Module):
             raise ConfigError(f"SVDTargetAttention: rank={rank} exceeds dim={dim}")
         self.dim, self.heads, self.mode, self.rank = dim, heads, self._check_mode(mode), rank
         self.chunk, self.topk, self.both_signs, self.normalize = chunk, topk, bool(both_signs), bool(normalize)
+        self.train_gram_dtype = train_gram_dtype
         kw = {"device": device, "dtype": dtype}
         self.q = nn.Linear(dim, dim, bias=False, **kw)
         self.k = nn.Linear(dim, dim, bias=False, **kw)
@@ -386,7 +394,10 @@ class SVDTargetAttention(nn.Module):
         """The per-user cache of ``history`` [B, N, D] at this module's rank (``keep_history`` for svd_exact)."""
         if history.dim() == 3 and history.shape[-1] != self.dim:
             raise DataError(f"history must be [B, N, D={self.dim}], got {list(history.shape)}")
-        return HistorySVD.from_history(history, valid, rank=self.rank, keep_history=keep_history)
+        gram_dtype = (self.train_gram_dtype if self.train_gram_dtype is not None and torch.is_grad_enabled()
+                      and history.requires_grad else torch.float64)
+        return HistorySVD.from_history(history, valid, rank=self.rank, keep_history=keep_history,
+                                       gram_dtype=gram_dtype)
 
     def forward(self, queries: Tensor, history: Tensor | None = None, valid: Tensor | None = None,
                 cache: HistorySVD | None = None, mode: str | None = None) -> Tensor:

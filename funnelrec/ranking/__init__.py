@@ -1,5 +1,5 @@
 """Multi-task rankers: the baselines (Shared-Bottom, MMoE, PLE, DIN, DCNv2, a plain Transformer encoder), the paper
-models (RankMixer, LONGER, HyFormer and the two-stage LONGER + RankMixer baseline, MTmixAtt, OneRank), their registry, and the popularity/position-only floor.
+models (RankMixer, LONGER, HyFormer and the two-stage LONGER + RankMixer baseline, MTmixAtt, OneRank, SOLAR), their registry, and the popularity/position-only floor.
 
 Every ranker reads the same ``RankingInputs`` (same feature spec, same embedding tables) and follows the contract of
 ``funnelrec.ranking.base``: ``forward(batch) -> {"logits": [B, M, T], "watch": [B, M]}``, ``predict``,
@@ -16,7 +16,7 @@ Example:
     ('MMoE', 2, [4])
     >>> sorted(RANKERS)  # doctest: +NORMALIZE_WHITESPACE
     ['dcnv2', 'din', 'hyformer', 'longer', 'longer_rankmixer', 'mmoe', 'mtmixatt', 'onerank', 'ple',
-     'rankmixer', 'shared_bottom', 'transformer']
+     'rankmixer', 'shared_bottom', 'solar', 'transformer']
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from funnelrec.ranking.mtmixatt import MTmixAtt, MTmixAttConfig
 from funnelrec.ranking.onerank import OneRank, OneRankConfig
 from funnelrec.ranking.ple import PLE, PLEConfig
 from funnelrec.ranking.rankmixer import RankMixer, RankMixerConfig
+from funnelrec.ranking.solar import Solar, SolarConfig
 from funnelrec.ranking.shared_bottom import SharedBottom, SharedBottomConfig
 from funnelrec.ranking.transformer import TransformerRankerConfig, TransformerRanker
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
@@ -60,6 +61,7 @@ RANKERS: dict[str, tuple[type[RankerConfig], type[MultiTaskRanker]]] = {
     "hyformer": (HyFormerConfig, HyFormer),
     "mtmixatt": (MTmixAttConfig, MTmixAtt),
     "onerank": (OneRankConfig, OneRank),
+    "solar": (SolarConfig, Solar),
 }
 
 #: Config fields filled from the feature spec and the objective registry.
@@ -105,6 +107,6 @@ __all__ = [
     "SharedBottom", "SharedBottomConfig", "MMoE", "MMoEConfig", "PLE", "PLEConfig", "DIN", "DINConfig",
     "DCNv2", "DCNv2Config", "RankMixer", "RankMixerConfig", "Longer", "LongerConfig", "TransformerRanker",
     "TransformerRankerConfig", "HyFormer", "HyFormerConfig", "LongerRankMixer", "LongerRankMixerConfig",
-    "MTmixAtt", "MTmixAttConfig", "OneRank", "OneRankConfig",
+    "MTmixAtt", "MTmixAttConfig", "OneRank", "OneRankConfig", "Solar", "SolarConfig",
     "WatchTimeDebiaser", "multitask_loss", "count_params", "count_params_flops",
 ]

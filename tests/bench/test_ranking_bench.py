@@ -16,7 +16,8 @@ from funnelrec.cli import app
 from funnelrec.ranking import RANKERS
 
 ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge", "rankmixer-single_scenario",
-        "longer_rankmixer", "hyformer", "mtmixatt", "ple", "onerank")
+        "longer_rankmixer", "hyformer", "mtmixatt", "ple", "onerank", "solar", "target_attention-last512",
+        "sim-lifelong")
 TASKS = ("is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward")
 SMALL = "sim:small?num_users=150&days=4"
 
@@ -89,6 +90,22 @@ def test_ranking_iii_seesaw_figures(quick):
     assert r["onerank_tasks_improved_vs_ple"] + r["onerank_tasks_degraded_vs_ple"] <= len(TASKS)
     assert r["onerank_click_minus_ple"] == pytest.approx(r["onerank.auc.is_click"] - r["ple.auc.is_click"])
     assert r["onerank_flops_vs_ple"] == pytest.approx(r["onerank.flops_per_sample"] / r["ple.flops_per_sample"])
+
+
+def test_ranking_iv_solar_rows_spectrum_and_switch(quick):
+    r = quick.results
+    for base in ("target_attention-last512", "din", "sim-lifelong"):
+        ident = base.replace("-", "_")
+        assert r[f"solar_minus_{ident}_auc_mean"] == pytest.approx(r["solar.auc_mean"] - r[f"{base}.auc_mean"])
+    assert r["solar.spectrum.events_median"] > 16  # the lifelong rows read beyond the run's 16-event histories
+    for prefix in ("solar.spectrum", "solar.init_spectrum"):
+        ranks = [r[f"{prefix}.r{p}.median"] for p in (90, 95, 99)]
+        assert 1 <= ranks[0] <= ranks[1] <= ranks[2] <= r[f"{prefix}.dim"] == 8
+    # the lifelong switch trained SOLAR and truncated attention again on the world without long-term interests
+    assert r["solar_edge_shrink_switch_off"] == pytest.approx(
+        (r["solar.auc_mean"] - r["target_attention-last512.auc_mean"])
+        - (r["switch.solar.auc_mean"] - r["switch.target_attention-last512.auc_mean"]))
+    assert {"solar_minus_din_auc_mean", "solar_edge_shrink_switch_off"} <= {t.name for t in quick.targets}
 
 
 def test_report_tables(quick):

@@ -12,7 +12,7 @@ B, N, M, T = 4, 8, 5, 6
 #: the classic baselines (matched budgets, DESIGN §7) and every registered ranker.
 BASELINE_NAMES = ("shared_bottom", "mmoe", "ple", "din", "dcnv2")
 RANKER_NAMES = (*BASELINE_NAMES, "rankmixer", "longer", "transformer", "longer_rankmixer", "hyformer", "mtmixatt",
-                "onerank")
+                "onerank", "solar")
 #: small sizes for the unit tests (every model at the same tiny scale)
 SMALL = {
     "shared_bottom": {"bottom": [32, 16]},
@@ -28,6 +28,7 @@ SMALL = {
                  "mixer_mult": 1},
     "onerank": {"dim": 8, "heads": 2, "ffn_mult": 1},
     "mtmixatt": {"dim": 12, "field_dim": 4, "num_scenarios": 4, "scene_hidden": 4, "lora_rank": 2},
+    "solar": {"dim": 8, "heads": 2, "rank": 4, "topk": 3, "short_pool": 4, "tower": [16]},
 }
 
 

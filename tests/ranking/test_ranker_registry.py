@@ -45,7 +45,8 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
     assert cfg.user_vocab == spec.vocab_sizes("user_sparse") and cfg.item_vocab == spec.vocab_sizes("item_sparse")
     assert (cfg.user_dense, cfg.item_dense, cfg.num_tasks, cfg.embed_dim) == (4, 2, 6, 16)
     sequence_models = ("longer", "transformer", "hyformer", "longer_rankmixer")
-    assert cfg.history_pool == (256 if name in sequence_models else 100)  # sequence models read more
+    want = 8192 if name == "solar" else 256 if name in sequence_models else 100  # sequence models read more
+    assert cfg.history_pool == want
     model = build_ranker(name, spec, embed_dim=8, head=4)
     assert isinstance(model, RANKERS[name][1]) and model.config.embed_dim == 8 and model.config.head == 4
     assert model(batch)["logits"].shape == (8, 1, 6)
@@ -58,7 +59,7 @@ def test_build_ranker_fills_sizes_from_the_spec(name, spec, batch):
 
 def test_registry_errors_name_the_problem(spec):
     valid = ("dcnv2, din, hyformer, longer, longer_rankmixer, mmoe, mtmixatt, onerank, ple, rankmixer, "
-             "shared_bottom, transformer")
+             "shared_bottom, solar, transformer")
     with pytest.raises(ConfigError, match=rf"unknown ranker 'xgboost'; valid rankers: {valid}"):
         build_ranker("xgboost", spec)
     with pytest.raises(ConfigError, match=r"unknown option 'num_expert' for ranker 'mmoe'.*num_experts"):

@@ -12,7 +12,7 @@ MODULES = ["funnelrec.ranking", "funnelrec.ranking.inputs", "funnelrec.ranking.b
            "funnelrec.ranking.mmoe", "funnelrec.ranking.ple", "funnelrec.ranking.din", "funnelrec.ranking.dcnv2",
            "funnelrec.ranking.rankmixer", "funnelrec.ranking.longer", "funnelrec.ranking.transformer",
            "funnelrec.ranking.hyformer", "funnelrec.ranking.longer_rankmixer", "funnelrec.ranking.mtmixatt",
-           "funnelrec.ranking.onerank"]
+           "funnelrec.ranking.onerank", "funnelrec.ranking.solar"]
 
 
 @pytest.mark.parametrize("module", MODULES)
