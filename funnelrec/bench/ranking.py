@@ -13,9 +13,9 @@ LONGER; HyFormer, MTmixAtt; OneRank) and one-flag ablations (RankMixer without t
 without token merge / with uniformly sampled queries; HyFormer with merged sequences / without the pooled query input /
 without global tokens; MTmixAtt with random or manual groups, fixed mixing, zero-initialised mixing, the ReLU-sparse
 MoE; OneRank without the task mask, without gradient detachment, with MLP heads instead of matching) and the *lifelong*
-rows of Ranking IV (``Entry.lifelong``: histories of every event, up to ``Sizes.lifelong_len``): SOLAR (SVD attention
-over the whole history), softmax target attention over the last 512 events and over every event, linear attention
-and SIM-style top-k attention over every event (all on SOLAR's backbone, ``funnelrec.ranking.solar``), SOLAR with
+rows of Ranking IV (``Entry.lifelong``: histories of ``Sizes.lifelong_len`` events): SOLAR (SVD attention over the
+whole lifelong history), softmax target attention over the last 512 events and over the lifelong history, linear
+attention and SIM-style top-k attention over the lifelong history (all on SOLAR's backbone, ``funnelrec.ranking.solar``), SOLAR with
 ``svd_exact``; DIN (the last 100 events) is their short-history baseline. A SOLAR-backbone row also reports the
 energy ranks R90/R95/R99 of its learned event tokens (and of the same model at initialisation) over the test users'
 lifelong histories — SOLAR's low-rank premise. **Tuning** (valid only, equal budget): every main row gets the same
@@ -91,8 +91,8 @@ class Entry:
         parent: for an ablation, the row whose tuned learning rate it reuses (None: tuned itself).
         per_tab: a single-scenario row: one model per tab, each trained (and early-stopped) on its tab's impressions
             only, each tab's test impressions scored by its own model.
-        lifelong: the row reads lifelong histories (``Sizes.lifelong_len`` events, every event of ``sim:long``)
-            instead of the run's ``history_len``; tuned on ``Sizes.lifelong_lr_grid``.
+        lifelong: the row reads lifelong histories (the last ``Sizes.lifelong_len`` events: 2,048, the whole log of
+            a median ``sim:long`` user) instead of the run's ``history_len``; tuned on ``Sizes.lifelong_lr_grid``.
     """
 
     key: str
@@ -214,10 +214,11 @@ def sizes(quick: bool, data: str | None) -> Sizes:
     # Sized for two CPU cores: the full Transformer (every candidate re-encodes the history) trains at ~800 samples/s
     # at 128 events and ~300 at 256, so the run keeps 128 events, 200k train impressions, one epoch, and the valid and
     # test impressions of 1,000 of the 3,000 users (~78k each) — about an hour for every row, 3 seeds, the switch test.
-    # The lifelong rows (every event: up to 5.3k in sim:long, padded to the batch's longest) train at ~110 requests/s,
-    # so they are tuned on one learning rate — the top of LR_GRID, which every main row of the full run chose.
+    # The lifelong rows read the last 2,048 events (the whole 30-day log of a median user; the longest histories of
+    # sim:long reach 5.3k): at every event, padded to the batch's longest, one fit took ~15 minutes on two cores.
+    # They are tuned on one learning rate — the top of LR_GRID, which every main row of the full run chose.
     return Sizes(data or "sim:long", 200_000, 128, 1, 256, LR_GRID, eval_users=1000,
-                 seq_args={"history_pool": 128}, longer_args={"num_queries": 16}, lifelong_len=8192,
+                 seq_args={"history_pool": 128}, longer_args={"num_queries": 16}, lifelong_len=2048,
                  lifelong_lr_grid=(max(LR_GRID),))
 
 
