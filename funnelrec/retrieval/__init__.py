@@ -41,6 +41,7 @@ from funnelrec.retrieval.popularity import PopularityConfig, PopularityRetriever
 from funnelrec.retrieval.sasrec import SASRec, SASRecConfig
 from funnelrec.retrieval.training import FitResult, fit_retriever
 from funnelrec.retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
+from funnelrec.retrieval.ann import AnnConfig, AnnIndex  # noqa: F401  (the ANN index: docs/retrieval-ann.md)
 
 __all__ = [
     "RETRIEVERS", "build_retriever", "Retriever", "RetrievalData", "evaluate_retriever", "fit_retriever",
