@@ -268,10 +268,16 @@ class World:
                 recent_creators[alive]
             short[alive] = self.drift_short_term(short[alive], u, g) if self.cfg.interests.short_term_enabled \
                 else short[alive]
-            hazard = torch.sigmoid(sc.leave_bias + sc.leave_slope * (0.5 - sat[alive]))
+            hazard = self.leave_hazard(sat[alive])
             stay = torch.rand(alive.shape[0], generator=g) >= hazard
             alive = alive[stay]
         return time
+
+    def leave_hazard(self, sat: Tensor) -> Tensor:
+        """[B] probability that a user leaves after a page, at satisfaction ``sat`` ([B]):
+        ``sigmoid(leave_bias + leave_slope·(0.5 − s))`` (the session model of the module docstring)."""
+        sc = self.cfg.sessions
+        return torch.sigmoid(sc.leave_bias + sc.leave_slope * (0.5 - sat))
 
     def _reward(self, draw: dict[str, Tensor], probs) -> Tensor:
         """[B, M] per-impression reward r that moves satisfaction."""

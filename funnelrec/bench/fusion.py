@@ -1,0 +1,486 @@
+"""``funnelrec bench fusion``: multi-task fusion judged by whole sessions (oracle-greedy, formulas, RL, xMTF).
+
+Every method ranks the same candidates from the same predictions (``SessionEnv``,
+``predictions="oracle_noisy"``: the world's true task probabilities with persistent logit noise sized like a
+trained ranker's error) and serves the top page of each request; what counts is what users do over the
+session: **total watch seconds per session** and **session length** (requests). Rows:
+
+* ``oracle_greedy_watch`` / ``oracle_greedy_satisfaction`` — references that read the world's *true* values:
+  greedy on expected watch time, and greedy on a satisfaction-aware value (watch minutes + expected session
+  reward, page filled under the repetition cost);
+* ``cem_linear`` / ``cem_logsum`` / ``cem_power`` — fixed formulas with one global weight vector tuned by CEM;
+* ``rl_linear`` / ``rl_logsum`` / ``rl_power`` — formula-based RL: a TD3 actor (γ = 0.9) outputs each
+  request's coefficients (log-weights around the CEM optimum of the same formula);
+* ``xmtf`` — Monotonic Fusion Cells + two-stage hybrid learning (λ = 0.4), the outer coefficients from a TD3
+  actor; ablations ``xmtf_no_inner``, ``xmtf_no_outer``, ``xmtf_lambda0``.
+
+Protocol per seed: the world's users are split (seeded) into ``eval_users`` evaluation users and a training
+pool; CEM and RL train on sessions of the pool only; every method is then evaluated on one session of each
+evaluation user, all methods with the same env seed (common random numbers). Mean ± std over seeds of the
+per-seed means. Also: the monotonicity violation rate of each learned cell (within-request pairs of the
+evaluation requests where o_k rises and h̃_k falls), prediction AUCs (noisy vs true, on sampled labels of the
+candidates), learned fusion curves, and the **switch test**: the world's long-term trade-off switched off —
+``sessions.leave_slope=0``, so leaving no longer depends on satisfaction (the world has no boolean switch for
+this trade-off; its size is the slope) — where no RL fusion may beat oracle-greedy on watch time.
+
+Sizing: the full run uses ``sim:bench-v1`` with 5 seeds × 2,000 evaluation users (:data:`FULL_PLAN`), and the
+switch test 5 seeds of 7 rows. Measured on 1 torch thread while two other benchmarks shared the 2 cores: about
+3.5 min per seed for the 12 rows and 1.2 min per switch-test seed, so ~25 min in all (less on an idle
+machine). ``--quick`` runs 300 evaluation users, 1 seed and short training (:data:`QUICK_PLAN`, ~15 s) and
+writes nothing.
+
+Example:
+    funnelrec bench fusion --json
+    funnelrec bench fusion --quick --json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.errors import ConfigError
+from funnelrec.fusion.env import TASKS, OracleGreedy, SessionEnv, SessionEnvConfig, evaluate, split_users
+from funnelrec.fusion.formulas import CEMConfig, FormulaFusion, FormulaRL, cem_tune, reference_log_weights
+from funnelrec.fusion.rl import TD3, TD3Config, TrainConfig, train_agent
+from funnelrec.fusion.xmtf import XMTF, XMTFConfig
+from funnelrec.metrics import auc
+from funnelrec.sim import World
+
+__all__ = ["FusionPlan", "FULL_PLAN", "QUICK_PLAN", "METHODS", "RL_METHODS", "SWITCH_OFF", "bench_fusion",
+           "run_seed", "summary_markdown"]
+
+ORACLE = ("oracle_greedy_watch", "oracle_greedy_satisfaction")
+CEM = ("cem_linear", "cem_logsum", "cem_power")
+FORMULA_RL = ("rl_linear", "rl_logsum", "rl_power")
+XMTF_ROWS = ("xmtf", "xmtf_no_inner", "xmtf_no_outer", "xmtf_lambda0")
+METHODS = ORACLE + CEM + FORMULA_RL + XMTF_ROWS
+#: Fusions that learn from long-term reward by RL (the switch test's "RL fusions").
+RL_METHODS = FORMULA_RL + ("xmtf", "xmtf_no_inner", "xmtf_lambda0")
+#: The rows the switch test runs (the trade-off off).
+SWITCH_ROWS = ORACLE + ("cem_linear", "cem_power", "rl_linear", "rl_power", "xmtf")
+#: World override that switches the long-term trade-off off: leaving no longer depends on satisfaction.
+SWITCH_OFF = ("sessions.leave_slope=0",)
+CELLS = ("xmtf", "xmtf_no_inner", "xmtf_no_outer", "xmtf_lambda0")
+
+_LABELS = {
+    "oracle_greedy_watch": "oracle-greedy (watch time)",
+    "oracle_greedy_satisfaction": "oracle-greedy (satisfaction)",
+    "cem_linear": "CEM linear", "cem_logsum": "CEM log-sum", "cem_power": "CEM power-product",
+    "rl_linear": "RL linear (TD3)", "rl_logsum": "RL log-sum (TD3)", "rl_power": "RL power-product (TD3)",
+    "xmtf": "xMTF (λ = 0.4)",
+    "xmtf_no_inner": "xMTF w/o inner stage", "xmtf_no_outer": "xMTF w/o outer stage",
+    "xmtf_lambda0": "xMTF λ = 0",
+}
+
+
+@dataclass
+class FusionPlan:
+    """Sizes of a fusion benchmark run.
+
+    Args:
+        world: world profile.
+        eval_users: evaluation users per seed (one session each).
+        seeds: seeds.
+        switch_seeds: seeds of the switch test (trade-off off).
+        candidates: C, candidates per request.
+        noise_std: prediction logit noise (``SessionEnvConfig.noise_std``).
+        cem: CEM settings (its ``seed`` is replaced per seed).
+        train_sessions: parallel sessions while training RL / xMTF.
+        rl_steps: env steps of RL training.
+        updates_per_step: TD3 updates per env step.
+        warm_steps: inner-stage warm-start steps of xMTF (teacher: the best CEM formula).
+        span: formula-RL log-weight span around the CEM centre.
+        lam: xMTF's λ.
+        hidden: width of the TD3 networks (xMTF's cells: half of it).
+        xmtf: further ``XMTFConfig`` settings (q_max, a_max, lr, tau).
+    """
+
+    world: str = "bench-v1"
+    eval_users: int = 2000
+    seeds: int = 5
+    switch_seeds: int = 5
+    candidates: int = 48
+    noise_std: float = 1.2
+    cem: CEMConfig = field(default_factory=lambda: CEMConfig(iterations=8, population=16,
+                                                             sessions_per_candidate=128))
+    train_sessions: int = 128
+    rl_steps: int = 400
+    updates_per_step: int = 2
+    warm_steps: int = 150
+    span: float = 1.0
+    lam: float = 0.4
+    hidden: int = 64
+    xmtf: dict = field(default_factory=dict)
+
+
+FULL_PLAN = FusionPlan()
+QUICK_PLAN = FusionPlan(eval_users=300, seeds=1, switch_seeds=1, candidates=32,
+                        cem=CEMConfig(iterations=3, population=8, sessions_per_candidate=24),
+                        train_sessions=48, rl_steps=40, updates_per_step=1, warm_steps=15, hidden=32)
+
+
+# ----------------------------------------------------------------------------------------------- one seed
+
+
+def _env(world: World, plan: FusionPlan, sessions: int, autoreset: bool, pool: torch.Tensor) -> SessionEnv:
+    cfg = SessionEnvConfig(world=plan.world, num_sessions=sessions, candidates=plan.candidates,
+                           noise_std=plan.noise_std, autoreset=autoreset)
+    return SessionEnv(cfg, world=world, user_pool=pool)
+
+
+def _train_formula_rl(world, plan, pool, seed, kind, center) -> tuple[FormulaRL, list]:
+    env = _env(world, plan, plan.train_sessions, True, pool)
+    agent = TD3(TD3Config(state_dim=env.state_dim, action_dim=env.num_tasks, hidden=plan.hidden, seed=seed))
+    fusion = FormulaRL(kind, center, agent.actor, span=plan.span)
+    curve = train_agent(env, agent, lambda obs, a: fusion.fused(obs["pxtr"], a),
+                        TrainConfig(steps=plan.rl_steps, updates_per_step=plan.updates_per_step, seed=seed))
+    return fusion, curve
+
+
+def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion) -> tuple[XMTF, list]:
+    env = _env(world, plan, plan.train_sessions, True, pool)
+    t, s = env.num_tasks, env.state_dim
+    use_inner, use_outer = variant != "xmtf_no_inner", variant != "xmtf_no_outer"
+    cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2),
+                     lam=0.0 if variant == "xmtf_lambda0" else plan.lam,
+                     use_inner=use_inner, use_outer=use_outer, seed=seed, **plan.xmtf)
+    agent = TD3(TD3Config(state_dim=s, action_dim=t, hidden=plan.hidden, seed=seed)) if use_outer else None
+    model = XMTF(cfg, actor=agent.actor if agent is not None else None)
+    if use_inner:  # warm start: absorb the teacher formula's ranking into the inner stage
+        obs, _ = env.reset(seed=seed + 11)
+        for _ in range(plan.warm_steps):
+            target = teacher.score(obs["pxtr"], obs["user_state"])
+            model.inner_step(obs["pxtr"], obs["mask"], obs["user_state"], target)
+            obs = env.step(target)[0]
+    model.start_rl()
+
+    def scorer(obs, action):
+        return model.fused(obs["pxtr"], obs["user_state"], action if use_outer else None)
+
+    def hook(obs, action, info):
+        if not use_inner:
+            return
+        if use_outer:  # transfer: the inner sum follows the outer ranking at the actor's own action
+            with torch.no_grad():
+                target = model.fused(obs["pxtr"], obs["user_state"], agent.actor(obs["user_state"]))
+            model.inner_step(obs["pxtr"], obs["mask"], obs["user_state"], target)
+        else:  # no outer stage: the inner sum follows the served items' realised watch time
+            served = info["served"]
+            model.inner_step(obs["pxtr"], obs["mask"], obs["user_state"], info["served_watch_s"],
+                             target_mask=served >= 0, index=served)
+
+    train_cfg = TrainConfig(steps=plan.rl_steps, updates_per_step=plan.updates_per_step, seed=seed)
+    curve = train_agent(env, agent, scorer, train_cfg, hook=hook)
+    return model, curve
+
+
+def _policy(fusion):
+    return lambda obs, info: fusion.score(obs["pxtr"], obs["user_state"])
+
+
+def _eval_requests(env: SessionEnv, seed: int, users: torch.Tensor) -> dict[str, torch.Tensor]:
+    obs, info = env.reset(seed=seed, options={"users": users})
+    return {**obs, "oracle_pxtr": info["oracle"]["pxtr"]}
+
+
+def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: bool = False) -> dict:
+    """Train and evaluate ``rows`` for one seed; returns per-row session figures, violation rates, curves."""
+    pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed)
+    eval_env = _env(world, plan, plan.eval_users, False, pool)
+    eval_seed = 10_000 + seed
+    out: dict = {"rows": {}, "violations": {}, "curves": {}, "models": {}}
+
+    def log(msg):
+        if progress:
+            print(f"  seed {seed}: {msg}", file=sys.stderr, flush=True)
+
+    def record(name, fusion_or_policy, is_policy=False):
+        pol = fusion_or_policy if is_policy else _policy(fusion_or_policy)
+        res = evaluate(eval_env, pol, seed=eval_seed, users=eval_users)
+        out["rows"][name] = {"watch_s": float(res["watch_s"].mean()),
+                             "pages": float(res["pages"].float().mean())}
+        log(f"{name}: {out['rows'][name]['watch_s']:.1f} s, {out['rows'][name]['pages']:.2f} pages")
+
+    for name in ORACLE:
+        if name in rows:
+            record(name, OracleGreedy(eval_env, name.removeprefix("oracle_greedy_")), is_policy=True)
+
+    probe = _eval_requests(eval_env, eval_seed, eval_users)
+    centers, tuned = {}, {}
+    needs_cem = any(r in rows for r in (*CEM, *FORMULA_RL, "xmtf", "xmtf_no_outer", "xmtf_lambda0"))
+    if needs_cem:
+        cem_cfg = dataclasses.replace(plan.cem, seed=seed)
+        cem_env = _env(world, plan, cem_cfg.population * cem_cfg.sessions_per_candidate, False, pool)
+        kinds = [k for k in ("linear", "logsum", "power")
+                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear"]
+        for kind in kinds:
+            center = reference_log_weights(kind, probe["pxtr"], probe["mask"])
+            theta, _ = cem_tune(cem_env, kind, center, cem_cfg)
+            centers[kind], tuned[kind] = theta, FormulaFusion(kind, theta)
+            if f"cem_{kind}" in rows or kind == "linear":
+                record(f"cem_{kind}", tuned[kind])
+    for kind in ("linear", "logsum", "power"):
+        name = f"rl_{kind}"
+        if name in rows:
+            fusion, curve = _train_formula_rl(world, plan, pool, seed, kind, centers[kind])
+            out["curves"][name] = curve
+            record(name, fusion)
+    if tuned:
+        best_kind = max(tuned, key=lambda k: out["rows"].get(f"cem_{k}", {"watch_s": -1})["watch_s"])
+        teacher = tuned[best_kind]
+        out["teacher"] = best_kind
+    for name in XMTF_ROWS:
+        if name in rows:
+            model, curve = _train_xmtf(world, plan, pool, seed, name, teacher if tuned else None)
+            out["curves"][name] = curve
+            out["models"][name] = model
+            record(name, model)
+            rate, _ = model.violations(probe["pxtr"], probe["mask"], probe["user_state"])
+            out["violations"][name] = rate
+    # prediction quality on the first request of every evaluation session (labels drawn from the truth)
+    g = torch.Generator().manual_seed(seed)
+    true, mask = probe["oracle_pxtr"], probe["mask"]
+    pred = probe["pxtr"][..., : true.shape[-1]]
+    y = torch.rand(true.shape, generator=g) < true
+    out["auc"] = {task: (auc(pred[..., k][mask].numpy(), y[..., k][mask].numpy()),
+                         auc(true[..., k][mask].numpy(), y[..., k][mask].numpy()))
+                  for k, task in enumerate(TASKS[: true.shape[-1]])}
+    out["probe"] = probe
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def _beats(a: list[float], b: list[float]) -> bool:
+    """DESIGN §7: the mean paired difference a − b exceeds 2 std (with one seed: any positive difference)."""
+    m, s = _mean_std([x - y for x, y in zip(a, b)])
+    return bool(m > 2 * s)
+
+
+def _aggregate(runs: list[dict], prefix: str = "") -> tuple[dict, dict[str, list[float]]]:
+    res: dict = {}
+    per: dict[str, list[float]] = {}
+    names = [n for n in METHODS if all(n in r["rows"] for r in runs)]
+    for name in names:
+        w = [r["rows"][name]["watch_s"] for r in runs]
+        p = [r["rows"][name]["pages"] for r in runs]
+        per[name] = w
+        (mw, sw), (mp, sp) = _mean_std(w), _mean_std(p)
+        res.update({f"{prefix}{name}.watch_s": mw, f"{prefix}{name}.watch_s.std": sw,
+                    f"{prefix}{name}.pages": mp, f"{prefix}{name}.pages.std": sp})
+    return res, per
+
+
+def derived_figures(runs: list[dict], switch_runs: list[dict]) -> dict:
+    """Every flat figure of the benchmark from the per-seed runs."""
+    res, per = _aggregate(runs)
+    rl_rows = [n for n in FORMULA_RL if n in per]
+    if rl_rows and "xmtf" in per:
+        best = max(rl_rows, key=lambda n: _mean_std(per[n])[0])
+        gains = [x / y - 1 for x, y in zip(per["xmtf"], per[best])]
+        res["best_formula_rl"] = best
+        res["best_formula_rl.watch_s"] = _mean_std(per[best])[0]
+        res["xmtf_gain_over_best_formula_rl"], res["xmtf_gain_over_best_formula_rl.std"] = _mean_std(gains)
+        res["xmtf_beats_best_formula_rl"] = _beats(per["xmtf"], per[best])
+        for name in ("xmtf_no_inner", "xmtf_no_outer", "xmtf_lambda0"):
+            if name in per:
+                res[f"{name}_gain_over_best_formula_rl"] = _mean_std(
+                    [x / y - 1 for x, y in zip(per[name], per[best])])[0]
+    if all(n in per for n in ORACLE):
+        res["oracle_satisfaction_gain_over_watch"] = _mean_std(
+            [x / y - 1 for x, y in zip(per["oracle_greedy_satisfaction"], per["oracle_greedy_watch"])])[0]
+    for name in CELLS:
+        rates = [r["violations"][name] for r in runs if name in r["violations"]]
+        if rates:
+            res[f"{name}.violation_rate"], res[f"{name}.violation_rate.std"] = _mean_std(rates)
+    for task in runs[0]["auc"]:
+        res[f"pred_auc_{task}"] = _mean_std([r["auc"][task][0] for r in runs])[0]
+        res[f"oracle_auc_{task}"] = _mean_std([r["auc"][task][1] for r in runs])[0]
+    if switch_runs:
+        sres, sper = _aggregate(switch_runs, prefix="switch_off.")
+        res.update(sres)
+        ref = sper.get("oracle_greedy_watch")
+        rl = [n for n in RL_METHODS if n in sper]
+        if ref and rl:
+            gains = {n: _mean_std([x / y - 1 for x, y in zip(sper[n], ref)])[0] for n in rl}
+            res["switch_off.max_rl_gain_over_oracle_greedy_watch"] = max(gains.values())
+            res["switch_off.rl_beating_oracle_greedy_watch"] = sum(_beats(sper[n], ref) for n in rl)
+        if all(n in sper for n in ORACLE):
+            res["switch_off.oracle_satisfaction_gain_over_watch"] = _mean_std(
+                [x / y - 1 for x, y in zip(sper["oracle_greedy_satisfaction"],
+                                           sper["oracle_greedy_watch"])])[0]
+    return res
+
+
+def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float) -> str:
+    """The methods table, the switch-test table and the protocol paragraph."""
+    def cell(key, digits=1):
+        m, s = res.get(key), res.get(f"{key}.std")
+        if m is None:
+            return "n/a"
+        return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+
+    best = res.get("best_formula_rl")
+    best_w = res.get(f"{best}.watch_s") if best else None
+    lines = [f"## Multi-task fusion on `sim:{plan.world}`", "",
+             "| method | watch s / session | requests / session | vs best formula RL | violation rate |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in METHODS:
+        if f"{name}.watch_s" not in res:
+            continue
+        rel = f"{res[f'{name}.watch_s'] / best_w - 1:+.1%}" if best_w else "n/a"
+        vio = f"{res[f'{name}.violation_rate']:.2%}" if f"{name}.violation_rate" in res else "–"
+        lines.append(f"| {_LABELS[name]} | {cell(f'{name}.watch_s')} | {cell(f'{name}.pages', 2)} | {rel} "
+                     f"| {vio} |")
+    if any(k.startswith("switch_off.") for k in res):
+        lines += ["", f"### Switch test: long-term trade-off off (`{' '.join(SWITCH_OFF)}`)", "",
+                  "| method | watch s / session | requests / session |", "| --- | ---: | ---: |"]
+        for name in SWITCH_ROWS:
+            if f"switch_off.{name}.watch_s" in res:
+                lines.append(f"| {_LABELS[name]} | {cell(f'switch_off.{name}.watch_s')} | "
+                             f"{cell(f'switch_off.{name}.pages', 2)} |")
+    auc_txt = ", ".join(f"{t} {res[f'pred_auc_{t}']:.3f} (oracle {res[f'oracle_auc_{t}']:.3f})"
+                        for t in TASKS[:6] if f"pred_auc_{t}" in res)
+    lines += ["", (
+        f"**Protocol.** Each seed splits the world's users into {plan.eval_users:,} evaluation users and a "
+        f"training pool; CEM ({plan.cem.iterations} iterations × {plan.cem.population} candidates × "
+        f"{plan.cem.sessions_per_candidate} sessions) and RL (TD3, γ = 0.9, {plan.rl_steps} steps × "
+        f"{plan.train_sessions} parallel sessions) train on the pool only; every method is then evaluated on "
+        f"one session of each evaluation user with the same env seed. {plan.seeds} seed(s) (switch test: "
+        f"{plan.switch_seeds}), mean ± std of the per-seed means. {plan.candidates} candidates per request, "
+        f"pages of 6; predictions are the world's true probabilities with persistent logit noise "
+        f"σ = {plan.noise_std} (click-AUC drop like the trained rankers'; candidate AUCs: {auc_txt}). xMTF's "
+        f"inner stage is warm-started from the best CEM formula's ranking ({plan.warm_steps} steps). "
+        f"Violation rate: share of within-request pairs of the evaluation requests where o_k rises and the "
+        f"learned h̃_k falls. Wall time {wall_s / 60:.1f} min on {threads} torch thread(s)."),
+        "",
+        "A trained-ranker prediction mode is not in this run (follow-up): predictions are the noisy oracle."]
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], out_dir: Path, stem: str = "fusion") -> list[str]:
+    """Learned fusion curves h̃_k(o; s) of several users and tasks (xMTF λ = 0.4 and λ = 0), and RL learning
+    curves; returns the file names (relative to ``out_dir``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = runs[0]
+    probe = run["probe"]
+    names = []
+    models = [(n, run["models"][n]) for n in ("xmtf", "xmtf_lambda0") if n in run["models"]]
+    if models:
+        t = probe["pxtr"].shape[-1]
+        users = torch.linspace(0, probe["pxtr"].shape[0] - 1, 4).long()
+        fig, axes = plt.subplots(len(models), t, figsize=(2.6 * t, 2.6 * len(models)), squeeze=False)
+        for row, (name, model) in enumerate(models):
+            for k in range(t):
+                vals = probe["pxtr"][..., k][probe["mask"]]
+                lo, hi = torch.quantile(vals, 0.01).item(), torch.quantile(vals, 0.99).item()
+                grid = torch.logspace(math.log10(max(lo, 1e-5)), math.log10(hi), 50)
+                ax = axes[row][k]
+                for u in users.tolist():
+                    px = probe["pxtr"][u: u + 1, :1].expand(1, 50, t).clone()
+                    px[0, :, k] = grid
+                    state = probe["user_state"][u: u + 1]
+                    with torch.no_grad():
+                        h = model.cell_outputs(px, state, model.policy_action(state))[0, :, k]
+                    ax.plot(grid.numpy(), h.numpy(), lw=1.2, label=f"user {u}")
+                ax.set_xscale("log")
+                ax.set_title(f"{_LABELS[name]}\n{TASKS[k]}", fontsize=8)
+                ax.tick_params(labelsize=7)
+                if k == 0:
+                    ax.set_ylabel("h̃_k(o; s)", fontsize=8)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle("Learned fusion curves: per task, for four evaluation users (seed 0)", fontsize=10)
+        fig.tight_layout()
+        names.append(f"{stem}_curves.png")
+        fig.savefig(out_dir / names[-1], dpi=100)
+        plt.close(fig)
+    if run["curves"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in run["curves"].items():
+            if curve:
+                ax.plot([c["step"] for c in curve], [c["watch_s"] for c in curve], label=_LABELS[name])
+        ax.set_xlabel("training step")
+        ax.set_ylabel("watch s per ended training session")
+        ax.set_title("Training curves (seed 0; exploration on)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        names.append(f"{stem}_training.png")
+        fig.savefig(out_dir / names[-1], dpi=100)
+        plt.close(fig)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def _world_profile(data: str | None, plan: FusionPlan) -> str:
+    if data is None:
+        return plan.world
+    if not data.startswith("sim:") or "?" in data:
+        raise ConfigError(f"--data {data!r}: the fusion benchmark runs on a simulated world, sim:NAME")
+    return data.removeprefix("sim:")
+
+
+@register_benchmark("fusion")
+def bench_fusion(quick: bool = False, data: str | None = None, seeds: int | None = None, threads: int = 1,
+                 out_dir: str = "docs/results", progress: bool | None = None) -> BenchResult:
+    """Run the fusion benchmark (see the module doc)."""
+    threads = fix_threads(threads)
+    plan = QUICK_PLAN if quick else FULL_PLAN
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ConfigError(f"seeds must be a positive integer, got {seeds!r}")
+        plan = dataclasses.replace(plan, seeds=seeds, switch_seeds=min(seeds, plan.switch_seeds))
+    plan = dataclasses.replace(plan, world=_world_profile(data, plan))
+    progress = (not quick) if progress is None else progress
+    start = time.perf_counter()
+    world = World.from_profile(plan.world)
+    switch_world = World.from_profile(plan.world, list(SWITCH_OFF))
+    runs, switch_runs = [], []
+    for seed in range(plan.seeds):
+        if progress:
+            print(f"fusion: seed {seed + 1}/{plan.seeds} ({time.perf_counter() - start:.0f} s)",
+                  file=sys.stderr,
+                  flush=True)
+        runs.append(run_seed(world, plan, seed, METHODS, progress=progress))
+    for seed in range(plan.switch_seeds):
+        if progress:
+            print(f"fusion: switch test seed {seed + 1}/{plan.switch_seeds}", file=sys.stderr, flush=True)
+        switch_runs.append(run_seed(switch_world, plan, seed, SWITCH_ROWS, progress=progress))
+    res: dict = {"world": f"sim:{plan.world}", "seeds": plan.seeds, "switch_seeds": plan.switch_seeds,
+                 "eval_users": plan.eval_users, "candidates": plan.candidates, "rl_steps": plan.rl_steps,
+                 "train_sessions": plan.train_sessions, "noise_std": plan.noise_std, "threads": threads,
+                 "teacher": runs[0].get("teacher", "")}
+    res.update(derived_figures(runs, switch_runs))
+    plots = [] if quick else plot_curves(runs, Path(out_dir))
+    wall = time.perf_counter() - start
+    res["wall_s"] = wall
+    targets = [Target("xmtf_gain_over_best_formula_rl", ">=", 0.05), Target("xmtf.violation_rate", "<", 0.01),
+               Target("switch_off.rl_beating_oracle_greedy_watch", "<=", 0)]
+    config = {"plan": dataclasses.asdict(plan), "switch_off": list(SWITCH_OFF), "methods": list(METHODS),
+              "switch_rows": list(SWITCH_ROWS), "predictions": "oracle_noisy"}
+    return BenchResult("fusion", res, config=config, targets=targets, plots=plots, quick=quick,
+                       summary=summary_markdown(res, plan, threads, wall))
