@@ -290,26 +290,30 @@ def lifelong_view(rd: RankingData, history_len: int) -> RankingData:
 
 def history_spectrum_figures(model, ds: RequestDataset, batch_size: int = 128) -> dict[str, float]:
     """SOLAR's low-rank premise on learned embeddings: for the last request of every user of ``ds``, the energy
-    ranks R90/R95/R99 of the model's event-token matrix (``model.history_spectrum``): median, mean and 90th
-    percentile over users, the token width and the median number of events."""
+    ranks R90/R95/R99 of the model's event-token matrix (``model.history_spectrum``; ``spectrum.*`` raw, as SOLAR
+    decomposes it, ``spectrum_centered.*`` with the mean event removed): median, mean and 90th percentile over
+    users, the token width and the median number of events."""
     users = ds.user_ids.numpy()
     last = len(users) - 1 - np.unique(users[::-1], return_index=True)[1]  # requests are in time order
     was_training = model.training
     model.eval()
+    out: dict[str, float] = {}
     try:
-        parts = [model.history_spectrum(ds.batch(last[i: i + batch_size])) for i in range(0, len(last), batch_size)]
+        for prefix, centered in (("spectrum", False), ("spectrum_centered", True)):
+            parts = [model.history_spectrum(ds.batch(last[i: i + batch_size]), centered=centered)
+                     for i in range(0, len(last), batch_size)]
+            s = torch.cat([p[0] for p in parts])
+            events = torch.cat([p[1] for p in parts]).double()
+            ranks = energy_ranks(s, ENERGY_FRACTIONS).double()
+            out.update({f"{prefix}.dim": float(s.shape[-1]), f"{prefix}.users": float(len(last)),
+                        f"{prefix}.events_median": float(events.median())})
+            for j, frac in enumerate(ENERGY_FRACTIONS):
+                r = ranks[:, j]
+                name = f"{prefix}.r{round(frac * 100)}"
+                out.update({f"{name}.median": float(r.median()), f"{name}.mean": float(r.mean()),
+                            f"{name}.p90": float(torch.quantile(r, 0.9))})
     finally:
         model.train(was_training)
-    s = torch.cat([p[0] for p in parts])
-    events = torch.cat([p[1] for p in parts]).double()
-    ranks = energy_ranks(s, ENERGY_FRACTIONS).double()
-    out = {"spectrum.dim": float(s.shape[-1]), "spectrum.users": float(len(last)),
-           "spectrum.events_median": float(events.median())}
-    for j, frac in enumerate(ENERGY_FRACTIONS):
-        r = ranks[:, j]
-        name = f"spectrum.r{round(frac * 100)}"
-        out.update({f"{name}.median": float(r.median()), f"{name}.mean": float(r.mean()),
-                    f"{name}.p90": float(torch.quantile(r, 0.9))})
     return out
 
 

@@ -178,11 +178,16 @@ class Solar(MultiTaskRanker):
         return self._score(batch, lambda q: self.attention(q, cache=cache))
 
     @torch.no_grad()
-    def history_spectrum(self, batch: RequestBatch) -> tuple[Tensor, Tensor]:
+    def history_spectrum(self, batch: RequestBatch, centered: bool = False) -> tuple[Tensor, Tensor]:
         """Singular values [B, dim] (descending) of each request's event-token matrix X (valid rows only) and the
-        number of valid events [B]."""
+        number of valid events [B]. ``centered``: of X minus its mean event (the mean direction — biases, the
+        shared position/gap part — dominates the raw spectrum; SOLAR decomposes the raw X)."""
         x, valid = self.history_tokens(batch)
-        xm = (x * valid.unsqueeze(-1).to(x.dtype)).double()
+        w = valid.unsqueeze(-1).to(x.dtype)
+        xm = (x * w).double()
+        if centered:
+            mean = xm.sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1).double()
+            xm = (xm - mean) * w.double()
         gram = xm.transpose(-1, -2) @ xm
         s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
         return s, valid.sum(-1)

@@ -98,7 +98,7 @@ def test_ranking_iv_solar_rows_spectrum_and_switch(quick):
         ident = base.replace("-", "_")
         assert r[f"solar_minus_{ident}_auc_mean"] == pytest.approx(r["solar.auc_mean"] - r[f"{base}.auc_mean"])
     assert r["solar.spectrum.events_median"] > 16  # the lifelong rows read beyond the run's 16-event histories
-    for prefix in ("solar.spectrum", "solar.init_spectrum"):
+    for prefix in ("solar.spectrum", "solar.init_spectrum", "solar.spectrum_centered"):
         ranks = [r[f"{prefix}.r{p}.median"] for p in (90, 95, 99)]
         assert 1 <= ranks[0] <= ranks[1] <= ranks[2] <= r[f"{prefix}.dim"] == 8
     # the lifelong switch trained SOLAR and truncated attention again on the world without long-term interests

@@ -130,6 +130,18 @@ def test_history_spectrum_equals_the_singular_values_of_the_event_tokens():
         assert (s[i, len(want):].abs() < 1e-6).all()
 
 
+def test_centered_spectrum_removes_the_mean_event():
+    model = make_model("solar").eval()
+    batch = make_batch()
+    s, events = model.history_spectrum(batch, centered=True)
+    x, valid = model.history_tokens(batch)
+    for i in range(1, 4):
+        xi = x[i][valid[i]].double()
+        want = torch.linalg.svdvals(xi - xi.mean(0))
+        assert torch.allclose(s[i, : len(want)], want, atol=1e-6)
+    assert (s[0].abs() < 1e-6).all()  # an empty history has no spectrum
+
+
 def test_energy_ranks():
     s = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [10.0, 2.0, 1.5, 0.1]])
     r = energy_ranks(s, (0.9, 0.95, 0.99)).tolist()
