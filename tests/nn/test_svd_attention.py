@@ -7,12 +7,11 @@ import doctest
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import funnelrec.nn.svd_attention as svd_mod
 from funnelrec.errors import ConfigError, DataError
 from funnelrec.nn.svd_attention import HistorySVD, SVDTargetAttention, chunked_topk, fix_signs
+from funnelrec.utils.probes import ShapeProbe
 
 M, N, D, R = 13, 37, 8, 3  # distinct primes for M and N (the shape probe below)
 
@@ -37,20 +36,6 @@ def inputs(dtype=torch.float32, seed: int = 0):
     valid[1, 20] = False   # and a hole
     return q, x, valid
 
-
-class ShapeProbe(TorchDispatchMode):
-    """Records the shape of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
 
 
 def test_docstring_examples_run():

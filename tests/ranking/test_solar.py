@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from funnelrec.data.batch import RequestBatch
 from funnelrec.errors import ConfigError
 from funnelrec.ranking.solar import energy_ranks
+from funnelrec.utils.probes import ShapeProbe
 from ranking_testkit import make_batch, make_model
 
 
@@ -36,32 +36,17 @@ def test_svd_exact_at_full_rank_equals_full_softmax_attention():
 
 
 def test_the_attention_reads_only_the_last_history_pool_events():
-    model = make_model("solar", attention="full", history_pool=3).eval()
     batch = make_batch()
     old = batch.history_mask().clone()
-    old[:, -3:] = False  # events older than the last 3
+    old[:, -3:] = False  # events older than the last 3 (requests 2 and 3 have some)
     changed = RequestBatch(**{**batch.__dict__})
     changed.hist_items = torch.where(old, (batch.hist_items + 7) % 29 + 1, batch.hist_items)
     with torch.no_grad():
-        a, b = model(batch)["logits"], model(changed)["logits"]
-    # the shared features mean-pool the last short_pool = 4 events: only request 3 (8 events) has an event older
-    # than 4 that moved; requests with at most 3 events are untouched
-    assert torch.equal(a[:2], b[:2])
-
-
-class ShapeProbe(TorchDispatchMode):
-    """Records the shape of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
+        short = make_model("solar", attention="full", history_pool=3, short_pool=3).eval()
+        assert torch.equal(short(batch)["logits"], short(changed)["logits"])
+        longer = make_model("solar", attention="full", history_pool=6, short_pool=3).eval()
+        a, b = longer(batch)["logits"], longer(changed)["logits"]
+    assert torch.equal(a[:2], b[:2]) and not torch.allclose(a[2:], b[2:])  # the attention saw the older events
 
 
 def probe_batch(m: int = 13, n: int = 37) -> RequestBatch:
