@@ -375,4 +375,18 @@ def save_yaml(obj: Any, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["apply_overrides", "from_dict", "load_config", "parse_value", "save_yaml", "to_dict", "to_yaml"]
+
+def check_positive_ints(config, names, label: str) -> None:
+    """``ConfigError`` naming ``label`` and the field unless every field ``names`` of ``config`` is an int >= 1.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_positive_ints(SimpleNamespace(steps=3), ["steps"], "train config")
+    """
+    for name in names:
+        v = getattr(config, name)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{label}: {name}={v!r} must be a positive integer")
+
+__all__ = ["apply_overrides", "check_positive_ints", "from_dict", "load_config", "parse_value", "save_yaml", "to_dict",
+           "to_yaml"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from funnelrec.config import check_positive_ints
 from funnelrec.errors import ConfigError
 
 __all__ = ["FORMULAS", "fuse", "reference_log_weights", "FormulaFusion", "FormulaRL", "CEMConfig", "cem_tune"]
@@ -175,10 +176,7 @@ class CEMConfig:
     seed: int = 0
 
     def validate(self) -> "CEMConfig":
-        for name in ("iterations", "population", "sessions_per_candidate"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"CEM config: {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("iterations", "population", "sessions_per_candidate"), "CEM config")
         if not 0 < self.elite_frac <= 1:
             raise ConfigError(f"CEM config: elite_frac={self.elite_frac!r} must be in (0, 1]")
         if self.init_std <= 0 or self.min_std < 0:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funnelrec.config import check_positive_ints
 from funnelrec.errors import ConfigError
 
 __all__ = ["TD3Config", "TD3", "ReplayBuffer", "TrainConfig", "train_agent", "mlp"]
@@ -80,10 +81,7 @@ class TD3Config:
     seed: int = 0
 
     def validate(self) -> "TD3Config":
-        for name in ("state_dim", "action_dim", "hidden", "policy_delay"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"TD3 config: {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("state_dim", "action_dim", "hidden", "policy_delay"), "TD3 config")
         if not 0 <= self.gamma < 1:
             raise ConfigError(f"TD3 config: gamma={self.gamma!r} must be in [0, 1)")
         if not 0 < self.tau <= 1:
@@ -238,10 +236,7 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
-        for name in ("steps", "updates_per_step", "batch_size", "replay"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"train config: {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("steps", "updates_per_step", "batch_size", "replay"), "train config")
         if self.warmup_steps < 0 or self.reward_scale <= 0:
             raise ConfigError(f"train config: warmup_steps={self.warmup_steps!r} must be >= 0 and "
                               f"reward_scale={self.reward_scale!r} > 0")

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funnelrec.config import check_positive_ints
 from funnelrec.errors import ConfigError
 
 __all__ = ["XMTFConfig", "MonotonicFusionCells", "XMTF", "outer_map", "action_to_a", "monotonicity_loss",
@@ -106,10 +107,7 @@ class XMTFConfig:
     seed: int = 0
 
     def validate(self) -> "XMTFConfig":
-        for name in ("num_tasks", "state_dim", "hidden"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"xMTF config: {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("num_tasks", "state_dim", "hidden"), "xMTF config")
         if self.q_max <= 0:
             raise ConfigError(f"xMTF config: q_max={self.q_max!r} must be > 0")
         if self.a_max <= -1 / (2 * self.q_max):
