@@ -14,8 +14,11 @@ session: **total watch seconds per session** and **session length** (requests). 
 * ``xmtf`` — Monotonic Fusion Cells + two-stage hybrid learning (λ = 0.4), the outer coefficients from a TD3
   actor; ablations ``xmtf_no_inner``, ``xmtf_no_outer``, ``xmtf_lambda0``.
 
-Protocol per seed: the world's users are split (seeded) into ``eval_users`` evaluation users and a training
-pool; CEM and RL train on sessions of the pool only; every method is then evaluated on one session of each
+Selection first (:func:`select_settings`): the settings that are ours, not the paper's (the formula-RL and
+xMTF actors' pull to the neutral action, xMTF's transfer temperature and inner learning rate during RL, the CEM
+formula that warm-starts xMTF's inner stage) are chosen on a fixed set of ``valid_users`` validation users that
+no seed ever evaluates on. Protocol per seed: the other users are split (seeded) into ``eval_users`` evaluation
+users and a training pool; CEM and RL train on sessions of the pool only; every method is then evaluated on one session of each
 evaluation user, all methods with the same env seed (common random numbers). Mean ± std over seeds of the
 per-seed means. Also: the monotonicity violation rate of each learned cell (within-request pairs of the
 evaluation requests where o_k rises and h̃_k falls), prediction AUCs (noisy vs true, on sampled labels of the
@@ -100,7 +103,15 @@ class FusionPlan:
         span: formula-RL log-weight span around the CEM centre.
         lam: xMTF's λ.
         hidden: width of the TD3 networks (xMTF's cells: half of it).
-        xmtf: further ``XMTFConfig`` settings (q_max, a_max, lr, tau).
+        xmtf: further ``XMTFConfig`` settings (q_max, a_max, lr, tau, rl_lr).
+        xmtf_action_reg: TD3 ``action_reg`` (the actor's pull to the neutral action) of xMTF's agent.
+        rl_action_reg: TD3 ``action_reg`` of the formula-RL agent of each formula kind.
+        valid_users: V, the validation users settings are selected on (:func:`select_settings`): a fixed set
+            (``selection_seed``) that is never drawn as evaluation users in any seed.
+        selection_seed: seed of the validation set and of the selection runs.
+        xmtf_grid: the xMTF settings tried in the selection (each a dict of ``tau``, ``rl_lr``, ``action_reg``).
+        rl_action_reg_grid: the ``action_reg`` values tried for each formula-RL kind.
+        teacher: the CEM formula kind whose ranking warm-starts xMTF's inner stage (selected on validation).
     """
 
     world: str = "bench-v1"
@@ -119,12 +130,23 @@ class FusionPlan:
     lam: float = 0.4
     hidden: int = 64
     xmtf: dict = field(default_factory=dict)
+    xmtf_action_reg: float = 0.5
+    rl_action_reg: dict = field(default_factory=lambda: {"linear": 0.5, "logsum": 0.5, "power": 0.5})
+    valid_users: int = 1000
+    selection_seed: int = 999
+    xmtf_grid: tuple = tuple({"tau": tau, "rl_lr": lr, "action_reg": reg}
+                             for tau in (0.05, 0.5) for lr in (1e-5, 1e-3) for reg in (0.1, 0.5, 2.0))
+    rl_action_reg_grid: tuple = (0.1, 0.5, 2.0)
+    teacher: str = "power"
 
 
 FULL_PLAN = FusionPlan()
 QUICK_PLAN = FusionPlan(eval_users=300, seeds=1, switch_seeds=1, candidates=32,
                         cem=CEMConfig(iterations=3, population=8, sessions_per_candidate=24),
-                        train_sessions=48, rl_steps=40, updates_per_step=1, warm_steps=15, hidden=32)
+                        train_sessions=48, rl_steps=40, updates_per_step=1, warm_steps=15, hidden=32,
+                        valid_users=150, xmtf_grid=({"tau": 0.05, "rl_lr": 1e-5, "action_reg": 0.5},
+                                                    {"tau": 0.5, "rl_lr": 1e-3, "action_reg": 0.1}),
+                        rl_action_reg_grid=(0.5,))
 
 
 # ----------------------------------------------------------------------------------------------- one seed
@@ -138,7 +160,8 @@ def _env(world: World, plan: FusionPlan, sessions: int, autoreset: bool, pool: t
 
 def _train_formula_rl(world, plan, pool, seed, kind, center) -> tuple[FormulaRL, list]:
     env = _env(world, plan, plan.train_sessions, True, pool)
-    agent = TD3(TD3Config(state_dim=env.state_dim, action_dim=env.num_tasks, hidden=plan.hidden, seed=seed))
+    agent = TD3(TD3Config(state_dim=env.state_dim, action_dim=env.num_tasks, hidden=plan.hidden, seed=seed,
+                          action_reg=plan.rl_action_reg[kind]))
     fusion = FormulaRL(kind, center, agent.actor, span=plan.span)
     curve = train_agent(env, agent, lambda obs, a: fusion.fused(obs["pxtr"], a),
                         TrainConfig(steps=plan.rl_steps, updates_per_step=plan.updates_per_step, seed=seed))
@@ -152,7 +175,8 @@ def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion) -
     cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2),
                      lam=0.0 if variant == "xmtf_lambda0" else plan.lam,
                      use_inner=use_inner, use_outer=use_outer, seed=seed, **plan.xmtf)
-    agent = TD3(TD3Config(state_dim=s, action_dim=t, hidden=plan.hidden, seed=seed)) if use_outer else None
+    agent = (TD3(TD3Config(state_dim=s, action_dim=t, hidden=plan.hidden, seed=seed,
+                           action_reg=plan.xmtf_action_reg)) if use_outer else None)
     model = XMTF(cfg, actor=agent.actor if agent is not None else None)
     if use_inner:  # warm start: absorb the teacher formula's ranking into the inner stage
         obs, _ = env.reset(seed=seed + 11)
@@ -191,9 +215,88 @@ def _eval_requests(env: SessionEnv, seed: int, users: torch.Tensor) -> dict[str,
     return {**obs, "oracle_pxtr": info["oracle"]["pxtr"]}
 
 
+def validation_users(num_users: int, plan: FusionPlan) -> torch.Tensor:
+    """[V] the fixed validation users (``plan.selection_seed``) that settings are selected on; no seed ever
+    evaluates on them."""
+    if plan.valid_users < 1 or plan.valid_users + plan.eval_users >= num_users:
+        raise ConfigError(f"valid_users={plan.valid_users} + eval_users={plan.eval_users} must be below the "
+                          f"world's {num_users} users")
+    perm = torch.randperm(num_users, generator=torch.Generator().manual_seed(plan.selection_seed))
+    return perm[: plan.valid_users].sort().values
+
+
+def _tune_cem(world: World, plan: FusionPlan, pool: torch.Tensor, seed: int, probe: dict,
+              kinds) -> tuple[dict, dict]:
+    """CEM-tuned log-weights of each formula ``kind`` on sessions of ``pool``: (centres, fusions)."""
+    cem_cfg = dataclasses.replace(plan.cem, seed=seed)
+    cem_env = _env(world, plan, cem_cfg.population * cem_cfg.sessions_per_candidate, False, pool)
+    centers, tuned = {}, {}
+    for kind in kinds:
+        center = reference_log_weights(kind, probe["pxtr"], probe["mask"])
+        theta, _ = cem_tune(cem_env, kind, center, cem_cfg)
+        centers[kind], tuned[kind] = theta, FormulaFusion(kind, theta)
+    return centers, tuned
+
+
+def select_settings(world: World, plan: FusionPlan, progress: bool = False) -> tuple[FusionPlan, dict]:
+    """Select the settings that are ours (not the paper's) on validation users, never on evaluation users.
+
+    The validation users (:func:`validation_users`) are held out of training here; every candidate setting
+    trains on the rest of the population and is scored by one session of each validation user (watch
+    seconds per session). Selected: the formula-RL actor pull (``action_reg``) per formula kind, and xMTF's
+    transfer temperature ``tau``, inner learning rate during RL ``rl_lr`` and actor pull ``action_reg``
+    (``plan.xmtf_grid``). The teacher of xMTF's warm start is the CEM formula best on the validation users.
+
+    Returns:
+        the plan with the selected settings, and the flat table ``{row: validation watch s}`` of every trial.
+    """
+    seed = plan.selection_seed
+    valid = validation_users(world.population.num_users, plan)
+    keep = torch.ones(world.population.num_users, dtype=torch.bool)
+    keep[valid] = False
+    pool = torch.arange(world.population.num_users)[keep]
+    env = _env(world, plan, plan.valid_users, False, pool)
+    eval_seed = 20_000 + seed
+    table: dict[str, float] = {}
+
+    def score(name, fusion) -> float:
+        table[name] = float(evaluate(env, _policy(fusion), seed=eval_seed, users=valid)["watch_s"].mean())
+        if progress:
+            print(f"  selection: {name}: {table[name]:.1f} s", file=sys.stderr, flush=True)
+        return table[name]
+
+    probe = _eval_requests(env, eval_seed, valid)
+    centers, tuned = _tune_cem(world, plan, pool, seed, probe, ("linear", "logsum", "power"))
+    teacher = max(tuned, key=lambda kind: score(f"cem_{kind}", tuned[kind]))
+    rl_reg = {}
+    for kind in ("linear", "logsum", "power"):
+        trials = {}
+        for reg in plan.rl_action_reg_grid:
+            trial = dataclasses.replace(plan, rl_action_reg={**plan.rl_action_reg, kind: reg})
+            fusion, _ = _train_formula_rl(world, trial, pool, seed, kind, centers[kind])
+            trials[reg] = score(f"rl_{kind}[action_reg={reg}]", fusion)
+        rl_reg[kind] = max(trials, key=trials.get)
+    xmtf_trials = []
+    for setting in plan.xmtf_grid:
+        setting = dict(setting)
+        trial = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": setting["tau"], "rl_lr": setting["rl_lr"]},
+                                    xmtf_action_reg=setting["action_reg"])
+        model, _ = _train_xmtf(world, trial, pool, seed, "xmtf", tuned[teacher])
+        label = ",".join(f"{k}={v}" for k, v in setting.items())
+        xmtf_trials.append((score(f"xmtf[{label}]", model), setting))
+    best = max(xmtf_trials, key=lambda t: t[0])[1]
+    chosen = dataclasses.replace(plan, rl_action_reg=rl_reg, xmtf_action_reg=best["action_reg"],
+                                 teacher=teacher, xmtf={**plan.xmtf, "tau": best["tau"], "rl_lr": best["rl_lr"]})
+    return chosen, table
+
+
 def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: bool = False) -> dict:
-    """Train and evaluate ``rows`` for one seed; returns per-row session figures, violation rates, curves."""
-    pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed)
+    """Train and evaluate ``rows`` for one seed; returns per-row session figures, violation rates, curves.
+
+    Evaluation users are drawn outside the validation users of :func:`validation_users`.
+    """
+    reserved = validation_users(world.population.num_users, plan)
+    pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
     eval_env = _env(world, plan, plan.eval_users, False, pool)
     eval_seed = 10_000 + seed
     out: dict = {"rows": {}, "violations": {}, "curves": {}, "models": {}}
@@ -217,14 +320,10 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
     centers, tuned = {}, {}
     needs_cem = any(r in rows for r in (*CEM, *FORMULA_RL, "xmtf", "xmtf_no_outer", "xmtf_lambda0"))
     if needs_cem:
-        cem_cfg = dataclasses.replace(plan.cem, seed=seed)
-        cem_env = _env(world, plan, cem_cfg.population * cem_cfg.sessions_per_candidate, False, pool)
         kinds = [k for k in ("linear", "logsum", "power")
-                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear"]
+                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear" or k == plan.teacher]
+        centers, tuned = _tune_cem(world, plan, pool, seed, probe, kinds)
         for kind in kinds:
-            center = reference_log_weights(kind, probe["pxtr"], probe["mask"])
-            theta, _ = cem_tune(cem_env, kind, center, cem_cfg)
-            centers[kind], tuned[kind] = theta, FormulaFusion(kind, theta)
             if f"cem_{kind}" in rows or kind == "linear":
                 record(f"cem_{kind}", tuned[kind])
     for kind in ("linear", "logsum", "power"):
@@ -233,13 +332,10 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
             fusion, curve = _train_formula_rl(world, plan, pool, seed, kind, centers[kind])
             out["curves"][name] = curve
             record(name, fusion)
-    if tuned:
-        best_kind = max(tuned, key=lambda k: out["rows"].get(f"cem_{k}", {"watch_s": -1})["watch_s"])
-        teacher = tuned[best_kind]
-        out["teacher"] = best_kind
+    teacher = tuned.get(plan.teacher)
     for name in XMTF_ROWS:
         if name in rows:
-            model, curve = _train_xmtf(world, plan, pool, seed, name, teacher if tuned else None)
+            model, curve = _train_xmtf(world, plan, pool, seed, name, teacher)
             out["curves"][name] = curve
             out["models"][name] = model
             record(name, model)
@@ -356,6 +452,17 @@ def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float) -
             if f"switch_off.{name}.watch_s" in res:
                 lines.append(f"| {_LABELS[name]} | {cell(f'switch_off.{name}.watch_s')} | "
                              f"{cell(f'switch_off.{name}.pages', 2)} |")
+    trials = {k.removeprefix("selection.").removesuffix(".valid_watch_s"): v for k, v in res.items()
+              if k.startswith("selection.")}
+    if trials:
+        lines += ["", f"### Settings selected on {plan.valid_users:,} validation users (never evaluated on)", "",
+                  "| trial | validation watch s / session |", "| --- | ---: |"]
+        lines += [f"| `{name}` | {v:.1f} |" for name, v in trials.items()]
+        lines += ["", f"Selected: teacher `{res.get('teacher')}`; formula-RL action_reg "
+                  + ", ".join(f"{k} {res[f'selected.rl_{k}.action_reg']}" for k in ("linear", "logsum", "power")
+                              if f"selected.rl_{k}.action_reg" in res)
+                  + f"; xMTF tau {res.get('selected.xmtf.tau')}, rl_lr {res.get('selected.xmtf.rl_lr')}, "
+                  f"action_reg {res.get('selected.xmtf.action_reg')}."]
     auc_txt = ", ".join(f"{t} {res[f'pred_auc_{t}']:.3f} (oracle {res[f'oracle_auc_{t}']:.3f})"
                         for t in TASKS[:6] if f"pred_auc_{t}" in res)
     lines += ["", (
@@ -459,6 +566,9 @@ def bench_fusion(quick: bool = False, data: str | None = None, seeds: int | None
     start = time.perf_counter()
     world = World.from_profile(plan.world)
     switch_world = World.from_profile(plan.world, list(SWITCH_OFF))
+    if progress:
+        print(f"fusion: selecting settings on {plan.valid_users:,} validation users", file=sys.stderr, flush=True)
+    plan, selection = select_settings(world, plan, progress=progress)
     runs, switch_runs = [], []
     for seed in range(plan.seeds):
         if progress:
@@ -473,7 +583,11 @@ def bench_fusion(quick: bool = False, data: str | None = None, seeds: int | None
     res: dict = {"world": f"sim:{plan.world}", "seeds": plan.seeds, "switch_seeds": plan.switch_seeds,
                  "eval_users": plan.eval_users, "candidates": plan.candidates, "rl_steps": plan.rl_steps,
                  "train_sessions": plan.train_sessions, "noise_std": plan.noise_std, "threads": threads,
-                 "teacher": runs[0].get("teacher", "")}
+                 "valid_users": plan.valid_users, "teacher": plan.teacher,
+                 "selected.xmtf.tau": plan.xmtf["tau"], "selected.xmtf.rl_lr": plan.xmtf["rl_lr"],
+                 "selected.xmtf.action_reg": plan.xmtf_action_reg,
+                 **{f"selected.rl_{k}.action_reg": v for k, v in plan.rl_action_reg.items()},
+                 **{f"selection.{k}.valid_watch_s": v for k, v in selection.items()}}
     res.update(derived_figures(runs, switch_runs))
     plots = [] if quick else plot_curves(runs, Path(out_dir))
     wall = time.perf_counter() - start

@@ -190,14 +190,30 @@ def _mix(x: Tensor) -> Tensor:
     return (x ^ (x >> 32)) & _MASK62
 
 
-def split_users(num_users: int, eval_users: int, seed: int) -> tuple[Tensor, Tensor]:
+def split_users(num_users: int, eval_users: int, seed: int,
+                reserved: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Disjoint (train pool, eval users) of population rows by a seeded permutation (``ConfigError`` if too
-    many)."""
-    if eval_users < 1 or eval_users >= num_users:
-        raise ConfigError(f"eval_users={eval_users} must be in [1, {num_users}) "
-                          f"(the world has {num_users} users)")
+    many).
+
+    Args:
+        num_users: population size.
+        eval_users: how many evaluation users to draw.
+        seed: seed of the permutation.
+        reserved: population rows never drawn as evaluation users (e.g. the validation users that settings are
+            selected on); they stay in the training pool.
+    """
+    blocked = torch.zeros(num_users, dtype=torch.bool)
+    if reserved is not None:
+        blocked[reserved] = True
+    available = num_users - int(blocked.sum())
+    if eval_users < 1 or eval_users >= available:
+        raise ConfigError(f"eval_users={eval_users} must be in [1, {available}) "
+                          f"(the world has {num_users} users, {num_users - available} reserved)")
     perm = torch.randperm(num_users, generator=torch.Generator().manual_seed(seed))
-    return perm[eval_users:].sort().values, perm[:eval_users].sort().values
+    is_eval = torch.zeros(num_users, dtype=torch.bool)
+    is_eval[perm[~blocked[perm]][:eval_users]] = True
+    rows = torch.arange(num_users)
+    return rows[~is_eval], rows[is_eval]
 
 
 class SessionEnv(VectorEnv):
