@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from funnelrec.data.batch import RequestBatch
+from funnelrec.data.feature_tables import FeatureTables
 from funnelrec.data.features import FeatureSpec
 from funnelrec.data.objectives import get_objective, task_names
 from funnelrec.data.timeline import Timelines
@@ -41,24 +42,6 @@ from funnelrec.errors import ConfigError, DataError
 
 _MODES = ("request", "pointwise")
 _BASE_COLUMNS = ("user_id", "video_id", "time_ms", "hourmin", "tab", "is_rand", "play_time_ms", "duration_ms")
-
-
-def _table_rows(keys: np.ndarray, table_keys: np.ndarray, *, table: str, column: str) -> np.ndarray:
-    """Row of ``table_keys`` holding each of ``keys``; ``DataError`` naming unknown ids."""
-    order = np.argsort(table_keys, kind="stable")
-    sorted_keys = table_keys[order]
-    if len(sorted_keys) > 1 and (dup := np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])).size:
-        raise DataError(f"duplicate ids in the {table} table, e.g. {int(sorted_keys[dup[0]])}", path=table,
-                        column=column)
-    if len(sorted_keys) == 0:
-        raise DataError("empty table", path=table)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    bad = sorted_keys[pos] != keys
-    if bad.any():
-        missing = np.unique(keys[bad])
-        raise DataError(f"{len(missing)} id(s) of the log are not in the {table} table, e.g. "
-                        f"{missing[:5].tolist()}", path="log", column=column)
-    return order[pos]
 
 
 class RequestDataset:
@@ -123,13 +106,8 @@ class RequestDataset:
         self.max_candidates = max_candidates
         self.timelines = timelines if timelines is not None else Timelines.from_log(log_df, spec)
 
-        # ---- side tables -> dense lookup tensors
-        self.user_sparse_table = torch.from_numpy(spec.transform_users(users_df))
-        self.user_dense_table = torch.from_numpy(spec.transform_users_dense(users_df))
-        self.item_sparse_table = torch.from_numpy(spec.transform_items(videos_df))
-        self.item_dense_table = torch.from_numpy(spec.transform_items_dense(videos_df))
-        user_keys = users_df.get_column("user_id").cast(pl.Int64).to_numpy()
-        video_keys = videos_df.get_column("video_id").cast(pl.Int64).to_numpy()
+        # ---- side tables -> dense lookup tensors (the same featurisation the serving cascade uses)
+        self.tables = FeatureTables(users_df, videos_df, spec)
 
         # ---- sort rows chronologically by request, keeping log order inside a request
         df = (log_df.select(
@@ -150,14 +128,14 @@ class RequestDataset:
         first = np.flatnonzero(keep) if mode == "pointwise" else req_start
 
         vid = df.get_column("video_id").to_numpy()[keep]
-        vrow = _table_rows(vid, video_keys, table="videos", column="video_id")
+        vrow, _ = self.tables.item_rows(vid)
         n_keep = int(keep.sum())
         # per-row tables with one extra padding row at index R (gathers need no masking afterwards):
         # ints: item index, video-table row (padding -> the zero row appended to the item tables), position, log row
         rows_i = np.zeros((n_keep + 1, 4), dtype=np.int64)
         rows_i[:-1, 0] = spec.item_index(vid)
         rows_i[:-1, 1] = vrow
-        rows_i[-1, 1] = len(video_keys)
+        rows_i[-1, 1] = self.tables.unknown_item_row
         rows_i[:-1, 2] = position[keep]
         rows_i[:-1, 3] = df.get_column("__row").to_numpy()[keep]
         rows_i[-1, 3] = -1
@@ -170,10 +148,7 @@ class RequestDataset:
         rows_f[:-1, t_ + 1] = df.get_column("__dur").to_numpy()[keep]
         rows_f[:-1, t_ + 2] = df.get_column("is_rand").to_numpy()[keep]
         self._rows_i = torch.from_numpy(rows_i)
-        fi, di = spec.num_item_sparse, spec.num_item_dense
         self._rows_f = torch.from_numpy(rows_f)
-        self.item_sparse_table = torch.cat([self.item_sparse_table, self.item_sparse_table.new_zeros(1, fi)])
-        self.item_dense_table = torch.cat([self.item_dense_table, self.item_dense_table.new_zeros(1, di)])
 
         # ---- per-request arrays
         if mode == "pointwise":
@@ -183,7 +158,7 @@ class RequestDataset:
         self._offsets = torch.from_numpy(np.r_[0, np.cumsum(counts)].astype(np.int64))
         self._user_id = torch.from_numpy(uid[first])
         self._time = torch.from_numpy(tms[first])
-        self._urow = torch.from_numpy(_table_rows(uid[first], user_keys, table="users", column="user_id"))
+        self._urow = torch.from_numpy(self.tables.user_rows(uid[first])[0])
         self._tab = torch.from_numpy(df.get_column("tab").to_numpy()[first].astype(np.int64))
         self._hour = torch.from_numpy(df.get_column("__hour").to_numpy()[first].astype(np.int64))
 
@@ -247,14 +222,12 @@ class RequestDataset:
         urow = self._urow.index_select(0, idx)
         user_id, t = self._user_id.index_select(0, idx), self._time.index_select(0, idx)
         hist = self.timelines.history(user_id, t, self.history_len)
+        user_sparse, user_dense = self.tables.user_features(urow)
+        cand_sparse, cand_dense = self.tables.item_features(vrow.view(b, m))
         return RequestBatch(
-            user_id=user_id, request_time_ms=t,
-            user_sparse=self.user_sparse_table.index_select(0, urow),
-            user_dense=self.user_dense_table.index_select(0, urow),
+            user_id=user_id, request_time_ms=t, user_sparse=user_sparse, user_dense=user_dense,
             hist_items=hist.items, hist_actions=hist.actions, hist_gap_s=hist.gap_s, hist_len=hist.length,
-            cand_items=ri[..., 0].contiguous(), cand_mask=mask,
-            cand_sparse=self.item_sparse_table.index_select(0, vrow).view(b, m, -1),
-            cand_dense=self.item_dense_table.index_select(0, vrow).view(b, m, -1),
+            cand_items=ri[..., 0].contiguous(), cand_mask=mask, cand_sparse=cand_sparse, cand_dense=cand_dense,
             tab=self._tab.index_select(0, idx), hour=self._hour.index_select(0, idx),
             position=ri[..., 2].contiguous(), duration_s=rf[..., t_ + 1].contiguous(),
             labels=rf[..., :t_].contiguous(), watch_time_s=rf[..., t_].contiguous(), is_rand=rf[..., t_ + 2] > 0,

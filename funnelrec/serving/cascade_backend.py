@@ -1,0 +1,79 @@
+"""``CascadeBackend``: the production ``ServingBackend`` — the HTTP service's requests served by the cascade.
+
+It maps a validated ``RecommendRequest`` to one cascade call (B = 1; the request's time, tab and hour — the
+server's clock and the hour of that time where absent, tab 1 where absent) and its ``CascadeResult`` back to the
+response JSON; ``observe`` appends feedback to the cascade's live histories, so the user's next request reads it.
+
+Example:
+    >>> backend = CascadeBackend(load_bundle("bundles/demo"))                      # doctest: +SKIP
+    >>> serve(backend, ServiceConfig(port=8000))                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import polars as pl
+
+from funnelrec.serving.cascade import Cascade
+from funnelrec.serving.schemas import ACTION_FIELDS, RecommendedItem, RecommendResponse
+
+__all__ = ["CascadeBackend", "DEFAULT_TAB"]
+
+#: Tab of a request that names none (KuaiRand's main feed).
+DEFAULT_TAB = 1
+
+
+class CascadeBackend:
+    """Serve ``RecommendRequest``s with a :class:`~funnelrec.serving.cascade.Cascade`.
+
+    Args:
+        cascade: the cascade (e.g. ``load_bundle(path)``).
+        clock_ms: returns "now" in epoch milliseconds for requests without ``time_ms``.
+    """
+
+    def __init__(self, cascade: Cascade, clock_ms=None):
+        self.cascade = cascade
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    def recommend(self, request) -> RecommendResponse:
+        t = request.time_ms if request.time_ms is not None else self.clock_ms()
+        ctx = request.context
+        tab = ctx.tab if ctx.tab is not None else DEFAULT_TAB
+        hour = ctx.hour if ctx.hour is not None else int(time.gmtime(t / 1000).tm_hour)
+        count = min(request.count, self.cascade.sizes.pool)
+        out = self.cascade.recommend([request.user_id], [t], [tab], [hour], count=count)
+        items = []
+        for rank, item in enumerate(out.items[0].tolist(), start=1):
+            if item < 0:
+                break
+            scores = {k: float(v[0, rank - 1]) for k, v in out.scores.items()
+                      if np.isfinite(v[0, rank - 1])}
+            items.append(RecommendedItem(item_id=int(item), rank=rank, scores=scores))
+        return RecommendResponse(user_id=request.user_id, request_id=request.request_id or "", items=items,
+                                 timings_ms=out.timings_ms, sizes=out.sizes, cold_start=bool(out.cold_start[0]))
+
+    def observe(self, events) -> None:
+        if not events:
+            return
+        frame = pl.DataFrame({
+            "user_id": [e.user_id for e in events], "video_id": [e.item_id for e in events],
+            "time_ms": [e.time_ms for e in events],
+            **{name: [getattr(e, name) for e in events] for name in ACTION_FIELDS},
+            "play_time_ms": [e.play_time_ms for e in events],
+        })
+        self.cascade.history.append(frame)
+
+    def describe(self) -> dict:
+        c = self.cascade
+        return {"name": c.metadata.get("name", "cascade"), **{k: v for k, v in c.metadata.items() if k != "name"},
+                "items": c.num_items - 1, "sizes": {"retrieve": c.sizes.retrieve, "prerank": c.sizes.prerank,
+                                                    "pool": c.sizes.pool, "serve": c.sizes.serve},
+                "recent_events": c.history.num_recent}
+
+    def known_item(self, item_id: int) -> bool:
+        return self.cascade.known_item(item_id)
+
+    def known_user(self, user_id: int) -> bool:
+        return self.cascade.known_user(user_id)
