@@ -8,6 +8,8 @@ Commands:
     funnelrec bench NAME [--quick] [--json] [--data SPEC] [--seeds N]   benchmarks (``funnelrec bench list``)
     funnelrec train ranking|retrieval --model NAME --data SPEC [--config YAML] [--name RUN] [key=value ...]
     funnelrec eval runs/NAME [--split test|valid]    metrics of a trained run (writes runs/NAME/eval_<split>.json)
+    funnelrec export bundle --out bundles/NAME [--data SPEC]   train every cascade stage, write a checksummed bundle
+    funnelrec serve --bundle bundles/NAME [--port 8000]        the HTTP service over a bundle's cascade
     torchrun --nproc_per_node=N -m funnelrec train … the same training, data-parallel (docs/distributed.md)
 
 Every command fails on bad input with a one-line message that names the file, column or option, and exit code 2.
@@ -28,6 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="funnelrec: a multi-stage recommender system on a KuaiRand-calibrated simulator.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: convert, inspect.")
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(no_args_is_help=True, help="Export trained artefacts.")
+app.add_typer(export_app, name="export")
 console = Console(stderr=True)
 
 
@@ -250,6 +254,58 @@ def demo(
         if users < 1 or days < 3:
             raise FunnelrecError(f"--users must be >= 1 and --days >= 3 (train, valid, test), got {users}, {days}")
         run_demo(profile=profile, epochs=epochs, seed=seed, users=users, days=days)
+    except FunnelrecError as err:
+        _fail(err)
+
+
+@export_app.command("bundle")
+def export_bundle_cmd(
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write (e.g. bundles/demo)."),
+    data: str = typer.Option("sim:small", "--data", help="Training data: sim:NAME[?k=v] or kuairand:PATH."),
+    ranker: str = typer.Option("shared_bottom", "--ranker", help="Registered ranker name."),
+    epochs: int = typer.Option(3, "--epochs", help="At most this many epochs for the retriever and the ranker."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle folder."),
+) -> None:
+    """Train every stage of the cascade on DATA and write them as one checksummed bundle."""
+    from funnelrec.data.sources import load_source
+    from funnelrec.serving.build import BuildConfig, train_cascade
+    from funnelrec.serving.bundle import export_bundle
+
+    try:
+        if epochs < 1:
+            raise FunnelrecError(f"--epochs must be >= 1, got {epochs}")
+        if out.exists() and not force:
+            raise FunnelrecError(f"bundle folder {out} exists (pass --force to replace it)")
+        source = load_source(data)
+        parts = train_cascade(source, BuildConfig(ranker=ranker, ranker_epochs=epochs, retriever_epochs=epochs,
+                                                  seed=seed), console=console)
+        path = export_bundle(parts, out, overwrite=force)
+        console.print(f"wrote bundle {path} ({sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 1e6:.1f}"
+                      f" MB); serve it with `funnelrec serve --bundle {path}`")
+    except FunnelrecError as err:
+        _fail(err)
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Option(..., "--bundle", help="A bundle folder (funnelrec export bundle)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0 = any free port)."),
+    log_dir: Path = typer.Option(None, "--log-dir", help="Feedback log folder (default: BUNDLE/../feedback-NAME)."),
+    port_file: Path = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
+) -> None:
+    """Serve a bundle's cascade over HTTP: /recommend, /feedback, /healthz, /metrics."""
+    from funnelrec.serving.app import ServiceConfig
+    from funnelrec.serving.bundle import load_bundle
+    from funnelrec.serving.cascade_backend import CascadeBackend
+    from funnelrec.serving.server import serve as run_server
+
+    try:
+        cascade = load_bundle(bundle)
+        logs = log_dir if log_dir is not None else bundle.parent / f"feedback-{bundle.name}"
+        config = ServiceConfig(host=host, port=port, log_dir=str(logs), max_count=cascade.sizes.pool)
+        run_server(CascadeBackend(cascade), config, port_file=port_file)
     except FunnelrecError as err:
         _fail(err)
 

@@ -6,11 +6,13 @@ the day before the last / the last):
 1. the feature spec, fitted on the training log (one spec for every stage);
 2. the **two-tower retriever** on the training clicks (leave-last-out validation), and its item vectors in a FAISS
    ANN index (exact ``flat`` below 50,000 items, IVF above);
-3. the **pre-ranker** on the training impressions (two-tower vectors frozen);
-4. the **ranker** (``shared_bottom`` by default, any registered ranker by name) with a D2Q watch-time head, early
+3. the **ranker** (``shared_bottom`` by default, any registered ranker by name) with a D2Q watch-time head, early
    stopping on the valid mean AUC;
-5. the **fusion** formula: a power-product of the ranker's task probabilities and watch time whose weights CEM
+4. the **fusion** formula: a power-product of the ranker's task probabilities and watch time whose weights CEM
    tunes on simulated sessions of the source's world (a fixed formula when the source is not simulated);
+5. the **pre-ranker** (two-tower vectors frozen), distilled from the ranker + fusion on the retrieval stage's
+   candidates of sampled training requests (``preranker_target="distill"``), or fitted on the logged impressions
+   (``"logs"``);
 6. the **re-ranker**: by fused score (``ScoreOrderReranker``).
 
 The parts come back as :class:`CascadeParts`; :func:`funnelrec.serving.bundle.export_bundle` writes them and
@@ -46,7 +48,7 @@ from funnelrec.retrieval.training import fit_retriever
 from funnelrec.retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
 from funnelrec.serving.cascade import Cascade, FunnelSizes, ScoreOrderReranker
 from funnelrec.serving.history import LiveTimelines
-from funnelrec.serving.prerank import PreRanker, PreRankerConfig, fit_preranker
+from funnelrec.serving.prerank import PreRanker, PreRankerConfig, distill_preranker, fit_preranker
 from funnelrec.train.loop import fit_multitask
 
 __all__ = ["BuildConfig", "CascadeParts", "train_cascade", "item_duration_s", "tune_fusion"]
@@ -61,6 +63,9 @@ class BuildConfig:
         ranker_epochs / retriever_epochs / preranker_epochs: at most this many epochs.
         history_len: N of every stage.
         retriever_args: ``TwoTowerConfig`` overrides.
+        preranker_target: ``"distill"`` (keep the ranker + fusion's top ``sizes.pool`` of the retrieved candidates)
+            or ``"logs"`` (the logged impressions' click and long-view labels).
+        distill_requests: training requests sampled for the distillation.
         fusion_kind: the fused formula (``power``, ``linear``, ``logsum``).
         cem_iterations: CEM iterations of the fusion weights (0 = the formula's reference weights).
         sizes: the funnel sizes.
@@ -74,6 +79,8 @@ class BuildConfig:
     preranker_epochs: int = 2
     history_len: int = 50
     retriever_args: dict = field(default_factory=dict)
+    preranker_target: str = "distill"
+    distill_requests: int = 1500
     fusion_kind: str = "power"
     cem_iterations: int = 4
     sizes: FunnelSizes = field(default_factory=FunnelSizes)
@@ -83,6 +90,11 @@ class BuildConfig:
         for name in ("ranker_epochs", "retriever_epochs", "preranker_epochs", "history_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"build config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.preranker_target not in ("distill", "logs"):
+            raise ConfigError(f"build config: preranker_target must be 'distill' or 'logs', "
+                              f"got {self.preranker_target!r}")
+        if self.distill_requests < 1:
+            raise ConfigError(f"build config: distill_requests must be >= 1, got {self.distill_requests}")
         if self.cem_iterations < 0:
             raise ConfigError(f"build config: cem_iterations must be >= 0, got {self.cem_iterations}")
 
@@ -172,6 +184,24 @@ def _two_tower_vectors(model: TwoTowerRetriever, ds: RequestDataset, batch_size:
     return torch.cat(users), torch.cat(items), torch.cat(labels)
 
 
+def _teacher_scores(cascade: Cascade, ds: RequestDataset, requests: torch.Tensor, chunk: int = 64):
+    """Retrieval candidates of the ``requests`` of ``ds`` and their ranker + fusion scores: ([R, D] user
+    vectors, [R, C] items, [R, C] mask, [R, C] teacher scores)."""
+    users, cands, masks, scores = [], [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(requests), chunk):
+            b = ds.batch(requests[i: i + chunk])
+            uid, t = b.user_id.numpy(), b.request_time_ms.numpy()
+            hist = cascade.history.history(uid, t, cascade.history_len)
+            user_vec, cand, mask, _ = cascade.retrieve(uid, t, b.tab, b.hour, hist)
+            pxtr, watch = cascade.rank(uid, t, b.tab, b.hour, cand, mask, hist)
+            users.append(user_vec)
+            cands.append(cand)
+            masks.append(mask)
+            scores.append(cascade.fuse(pxtr, watch, mask))
+    return torch.cat(users), torch.cat(cands), torch.cat(masks), torch.cat(scores)
+
+
 def train_cascade(source, config: BuildConfig | None = None, console: Console | None = None) -> CascadeParts:
     """Train every stage on ``source`` (a ``funnelrec.data.sources.Source``); see the module doc."""
     cfg = config or BuildConfig()
@@ -208,19 +238,6 @@ def train_cascade(source, config: BuildConfig | None = None, console: Console | 
                                      history_len=cfg.history_len)
     train, valid = make(splits["train"]), make(splits["valid"])
 
-    # pre-ranker on the training impressions
-    t0 = time.perf_counter()
-    counts = rdata.item_popularity().float()
-    log_pop = torch.log1p(counts)
-    u, items, labels = _two_tower_vectors(retriever, train)
-    pcfg = PreRankerConfig(dim=vectors.shape[1])
-    task_idx = [train.tasks.index(t) for t in pcfg.tasks]
-    preranker = PreRanker(pcfg)
-    pfit = fit_preranker(preranker, u, vectors[items], log_pop[items], labels[:, task_idx],
-                         epochs=cfg.preranker_epochs, seed=cfg.seed)
-    figures["preranker_s"] = time.perf_counter() - t0
-    console.print(f"pre-ranker: {u.shape[0]:,} impressions, loss {pfit['loss']:.4f}")
-
     # ranker with a D2Q watch-time head
     t0 = time.perf_counter()
     watch = WatchTimeDebiaser.from_log(splits["train"])
@@ -238,6 +255,29 @@ def train_cascade(source, config: BuildConfig | None = None, console: Console | 
     fusion = tune_fusion(getattr(source, "world", None), cfg.fusion_kind, cfg.cem_iterations, cfg.seed)
     figures["fusion_s"] = time.perf_counter() - t0
     console.print(f"fusion: {cfg.fusion_kind} formula, weights {np.round(fusion.log_weights.exp().numpy(), 3)}")
+
+    # pre-ranker: distilled from ranker + fusion, or fitted on the logged impressions
+    t0 = time.perf_counter()
+    log_pop = torch.log1p(rdata.item_popularity().float())
+    preranker = PreRanker(PreRankerConfig(dim=vectors.shape[1]))
+    if cfg.preranker_target == "logs":
+        u, items, labels = _two_tower_vectors(retriever, train)
+        task_idx = [train.tasks.index(t) for t in preranker.config.tasks]
+        pfit = fit_preranker(preranker, u, vectors[items], log_pop[items], labels[:, task_idx],
+                             epochs=cfg.preranker_epochs, seed=cfg.seed)
+    else:
+        teacher_cascade = Cascade(FeatureTables(source.users, source.videos, spec),
+                                  LiveTimelines(timelines, spec), retriever, vectors, ann, log_pop, preranker,
+                                  ranker, fusion, None, item_duration_s(source.videos, spec), cfg.sizes,
+                                  cfg.history_len)
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.distill_requests]
+        user_vec, cand, mask, teacher = _teacher_scores(teacher_cascade, train, pick.sort().values)
+        pfit = distill_preranker(preranker, user_vec, cand, mask, teacher, vectors, log_pop, cfg.sizes.pool,
+                                 epochs=cfg.preranker_epochs, seed=cfg.seed)
+        figures["preranker_distill_recall"] = pfit["recall_at_k"]
+    preranker.eval()
+    figures["preranker_s"] = time.perf_counter() - t0
+    console.print(f"pre-ranker ({cfg.preranker_target}): loss {pfit['loss']:.4f} ({figures['preranker_s']:.0f} s)")
     return CascadeParts(spec=spec, users=source.users, videos=source.videos, history_log=history_log(log),
                         retriever=retriever, retriever_config=rcfg, item_vectors=vectors, ann=ann,
                         item_log_pop=log_pop, preranker=preranker, ranker=ranker, ranker_name=cfg.ranker,

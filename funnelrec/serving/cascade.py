@@ -220,18 +220,18 @@ class Cascade:
                       history=None) -> RequestBatch:
         """The ``RequestBatch`` of B requests over candidates ``cand_items`` [B, M] (item indices), built
         through the feature tables (unknown users → the unknown row; position 0 = the top slot)."""
-        user_ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        user_ids = np.asarray(user_ids, dtype=np.int64).reshape(-1).copy()  # callers' arrays may be read-only
         b = len(user_ids)
         urow, _ = self.tables.user_rows(user_ids, allow_unknown=True)
         user_sparse, user_dense = self.tables.user_features(torch.from_numpy(urow))
         hist = history if history is not None else self.history.history(user_ids, time_ms, self.history_len)
         cand_sparse, cand_dense = self.tables.item_features(self.item_row[cand_items])
         return RequestBatch(
-            user_id=torch.from_numpy(user_ids), request_time_ms=torch.as_tensor(np.asarray(time_ms, np.int64)),
+            user_id=torch.from_numpy(user_ids), request_time_ms=torch.tensor(np.asarray(time_ms, np.int64)),
             user_sparse=user_sparse, user_dense=user_dense, hist_items=hist.items, hist_actions=hist.actions,
             hist_gap_s=hist.gap_s, hist_len=hist.length, cand_items=cand_items, cand_mask=cand_mask,
-            cand_sparse=cand_sparse, cand_dense=cand_dense, tab=torch.as_tensor(np.asarray(tab, np.int64)),
-            hour=torch.as_tensor(np.asarray(hour, np.int64)), position=torch.zeros_like(cand_items),
+            cand_sparse=cand_sparse, cand_dense=cand_dense, tab=torch.tensor(np.asarray(tab, np.int64)),
+            hour=torch.tensor(np.asarray(hour, np.int64)), position=torch.zeros_like(cand_items),
             duration_s=self.item_duration_s[cand_items] * cand_mask, labels=None, watch_time_s=None,
             is_rand=None)
 
@@ -255,6 +255,24 @@ class Cascade:
         score = torch.cat([ann_score, torch.full(pop.shape, float("nan"))], 1)
         merged, pos = dedupe_rows(items, valid, s.retrieve)
         return merged, pos >= 0, score.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, float("nan"))
+
+    def retrieve(self, user_ids, time_ms, tab, hour, hist) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The retrieval stage: ([B, D] user vectors, [B, C] merged items, [B, C] valid, [B, C] scores)."""
+        empty = torch.zeros(len(user_ids), 1, dtype=torch.int64)
+        batch0 = self.request_batch(user_ids, time_ms, tab, hour, empty, empty.bool(), history=hist)
+        user_vec = self.retriever.user_vectors(batch0)
+        return (user_vec, *self._retrieve(user_vec, hist.items))
+
+    def rank(self, user_ids, time_ms, tab, hour, cand: Tensor, cand_mask: Tensor, hist) -> tuple[Tensor, Tensor]:
+        """The ranking stage on candidates [B, M]: ([B, M, T] task probabilities, [B, M] watch seconds)."""
+        batch = self.request_batch(user_ids, time_ms, tab, hour, cand, cand_mask, history=hist)
+        out = self.ranker(batch)  # one forward for the task heads and the watch head
+        return torch.sigmoid(out["logits"]), watch_seconds(out["watch"], batch.duration_s, self.ranker.watch)
+
+    def fuse(self, pxtr: Tensor, watch: Tensor, cand_mask: Tensor) -> Tensor:
+        """The fusion stage: [B, M] fused scores (-inf at padding)."""
+        fused = self.fusion.score(fusion_inputs(pxtr, watch), torch.zeros(pxtr.shape[0], 1))
+        return fused.masked_fill(~cand_mask, float("-inf"))
 
     @torch.inference_mode()
     def recommend(self, user_ids, time_ms, tab, hour, count: int | None = None) -> CascadeResult:
@@ -285,10 +303,7 @@ class Cascade:
         cold = ~known & (hist.length.numpy() == 0)
 
         # retrieval
-        empty = torch.zeros(b, 1, dtype=torch.int64)
-        batch0 = self.request_batch(user_ids, time_ms, tab, hour, empty, empty.bool(), history=hist)
-        user_vec = self.retriever.user_vectors(batch0)
-        retrieved, valid, retrieval_score = self._retrieve(user_vec, hist.items)
+        user_vec, retrieved, valid, retrieval_score = self.retrieve(user_ids, time_ms, tab, hour, hist)
         stage_items["retrieval"] = retrieved
         t1 = time.perf_counter()
         timings["retrieval"] = (t1 - t0) * 1e3
@@ -306,16 +321,12 @@ class Cascade:
         timings["prerank"] = (t2 - t1) * 1e3
 
         # ranking
-        batch = self.request_batch(user_ids, time_ms, tab, hour, cand, cand_mask, history=hist)
-        out = self.ranker(batch)  # one forward for the task heads and the watch head
-        pxtr = torch.sigmoid(out["logits"])
-        watch = watch_seconds(out["watch"], batch.duration_s, self.ranker.watch)
+        pxtr, watch = self.rank(user_ids, time_ms, tab, hour, cand, cand_mask, hist)
         t3 = time.perf_counter()
         timings["ranking"] = (t3 - t2) * 1e3
 
         # fusion
-        fused = self.fusion.score(fusion_inputs(pxtr, watch), torch.zeros(b, 1))
-        fused = fused.masked_fill(~cand_mask, float("-inf"))
+        fused = self.fuse(pxtr, watch, cand_mask)
         pool_pos = fused.topk(min(self.sizes.pool, fused.shape[1]), dim=1).indices
         pool = cand.gather(1, pool_pos)
         pool_mask = cand_mask.gather(1, pool_pos)

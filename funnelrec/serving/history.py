@@ -116,8 +116,9 @@ class LiveTimelines:
                 raise DataError("null values", path="feedback", column=c)
         if events.height == 0:
             return
-        if int(events.get_column("video_id").min()) < 0 or int(events.get_column("user_id").min()) < 0:
-            raise DataError("negative id in a feedback event", path="feedback", column="video_id")
+        for c in ("user_id", "video_id"):
+            if int(events.get_column(c).min()) < 0:
+                raise DataError("negative id in a feedback event", path="feedback", column=c)
         frame = events.select([pl.col(c).cast(pl.Int64) if c in events.columns else pl.lit(0, pl.Int64).alias(c)
                                for c in self._columns])
         users, counts = np.unique(frame.get_column("user_id").to_numpy(), return_counts=True)
@@ -135,6 +136,14 @@ class LiveTimelines:
                .filter(pl.col("time_ms").cum_count(reverse=True).over("user_id") <= self.max_recent))
         self._recent_log = log
         self._recent = Timelines.from_log(log, self.spec, action_columns=self.base.action_columns)
+
+    def reset(self) -> None:
+        """Forget every recent event (back to the logged histories)."""
+        with self._lock:
+            self._pending = []
+            self._recent_log = self._empty()
+            self._recent = Timelines.from_log(self._recent_log, self.spec, action_columns=self.base.action_columns)
+            self._versions = {}
 
     def version(self, user_id: int) -> int:
         """How many events were appended for ``user_id`` since start-up."""

@@ -8,8 +8,17 @@ instead of running the ranker's feature crosses and sequence modules. Ours reads
 log-probabilities. Cost per candidate: one D-wide elementwise product and a (D + 2) × H × T MLP — no embedding
 look-ups beyond the cached vector.
 
-It trains on the ranking log's impressions (the logged candidates and their labels), with the retrieval model
-frozen, so its scores are calibrated probabilities of the same tasks the ranker predicts.
+Two ways to train it (retrieval model frozen in both):
+
+* ``distill`` (default; ours, the usual industrial practice of aligning pre-ranking with ranking): on sampled
+  training requests, the retrieval stage's candidates are scored by the trained ranker and fusion, and the
+  pre-ranker learns to put the teacher's top ``K`` first — a listwise softmax cross-entropy over each request's
+  candidates with the teacher's top K as the positives (:func:`distill_preranker`). Its job in the funnel is
+  exactly that: keep what the ranker would rank high.
+* ``logs``: binary cross-entropy on the logged impressions' labels (:func:`fit_preranker`). On simulated
+  closed-loop sessions this keeps far fewer of the ranker's favourites: logged exposures are biased, and the
+  candidates a pre-ranker sees at serving time (everything retrieval returns) are not what was logged
+  (``docs/results/cascade.md``).
 
 Example:
     >>> import torch
@@ -32,7 +41,7 @@ from tqdm.auto import tqdm
 from funnelrec.config import check_positive_ints
 from funnelrec.errors import ConfigError
 
-__all__ = ["PreRankerConfig", "PreRanker", "fit_preranker"]
+__all__ = ["PreRankerConfig", "PreRanker", "fit_preranker", "distill_preranker"]
 
 
 @dataclass
@@ -121,3 +130,65 @@ def fit_preranker(model: PreRanker, user_vec: Tensor, item_vec: Tensor, log_pop:
             total, n = total + loss.item() * idx.numel(), n + idx.numel()
         mean = total / n
     return {"loss": mean, "seconds": time.perf_counter() - t0}
+
+
+def distill_preranker(model: PreRanker, user_vec: Tensor, cand_items: Tensor, cand_mask: Tensor,
+                      teacher: Tensor, item_vectors: Tensor, item_log_pop: Tensor, top_k: int,
+                      epochs: int = 3, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                      progress: bool = False) -> dict[str, float]:
+    """Train the pre-ranker to keep the teacher's top ``top_k`` of each request's candidates.
+
+    Loss per request: −mean over the teacher's top-K candidates of log softmax(student scores over the real
+    candidates) (a listwise, scale-free target: the teacher's scores are never regressed).
+
+    Args:
+        user_vec: [R, D] user vectors of R requests.
+        cand_items: [R, C] candidate item indices (what retrieval returned).
+        cand_mask: [R, C] bool, real candidates.
+        teacher: [R, C] teacher scores (ranker + fusion); higher is better.
+        item_vectors: [I, D] cached item vectors; item_log_pop: [I] log popularity.
+        top_k: K, the teacher's top candidates to keep.
+    Returns:
+        ``{"loss", "seconds", "recall_at_k"}`` — the share of the teacher's top K in the student's top K on the
+        training requests after training.
+    """
+    r, c = cand_items.shape
+    if not (user_vec.shape[0] == cand_mask.shape[0] == teacher.shape[0] == r) or r == 0:
+        raise ConfigError(f"pre-ranker distillation rows disagree: user {user_vec.shape[0]}, candidates {r}, "
+                          f"mask {cand_mask.shape[0]}, teacher {teacher.shape[0]} (need the same R > 0)")
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    k = min(top_k, c)
+    neg = float("-inf")
+    top = teacher.masked_fill(~cand_mask, neg).topk(k, dim=1).indices
+    positive = torch.zeros(r, c, dtype=torch.bool).scatter(1, top, True) & cand_mask
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    t0 = time.perf_counter()
+    mean = float("nan")
+
+    def student(idx: Tensor) -> Tensor:
+        items = cand_items[idx]
+        return model.score(user_vec[idx], item_vectors[items], item_log_pop[items]).masked_fill(~cand_mask[idx], neg)
+
+    for _ in tqdm(range(epochs), desc="pre-ranker distillation", disable=not progress):
+        perm = torch.randperm(r, generator=g)
+        total, n = 0.0, 0
+        for i in range(0, r, batch_size):
+            idx = perm[i: i + batch_size]
+            logp = torch.log_softmax(student(idx), dim=1)
+            pos = positive[idx]
+            loss = -(logp.masked_fill(~pos, 0.0).sum(1) / pos.sum(1).clamp(min=1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * idx.numel(), n + idx.numel()
+        mean = total / n
+    with torch.no_grad():
+        kept = torch.zeros(r, c, dtype=torch.bool)
+        for i in range(0, r, batch_size):
+            idx = torch.arange(i, min(r, i + batch_size))
+            kept[idx] = torch.zeros(idx.numel(), c, dtype=torch.bool).scatter(1, student(idx).topk(k, 1).indices,
+                                                                              True)
+        recall = float(((kept & positive).sum(1).float() / positive.sum(1).clamp(min=1)).mean())
+    return {"loss": mean, "seconds": time.perf_counter() - t0, "recall_at_k": recall}

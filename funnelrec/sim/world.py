@@ -182,7 +182,8 @@ class World:
             days: how many days from 2022-04-08.
             progress: show a progress bar.
             policy: an object with ``select(user [B], g) -> (items [B, M], is_rand [B, M])``; default: the
-                logging policy.
+                logging policy. If it has ``observe(page)``, it is called after every page with the page's record
+                (users, items, time, sampled feedback), so a closed-loop policy can update its state.
         """
         days = self.cfg.days if days is None else days
         if days < 1:
@@ -260,6 +261,8 @@ class World:
                 "play_p": marg["play_ms"], "exam_p": marg["exam"], "relevance": probs.relevance,
                 "duration": probs.duration_ms, "reward": reward,
             })
+            if hasattr(policy, "observe"):  # closed-loop policies learn the page's feedback (e.g. live histories)
+                policy.observe(pages[-1])
             time[alive] += draw["play_ms"].sum(1).long() + 1500 * items.shape[1]
             tags = self.catalog.primary_tag[items]
             cres = self.catalog.author_index[items]

@@ -1,0 +1,329 @@
+"""``funnelrec bench cascade``: closed-loop simulated sessions served by the whole cascade.
+
+The cascade's stages are trained on the world's log (``train_cascade``: days before the last two train, the
+day before the last validates; the whole log is the users' history); then, on the **day after the log**, one
+session of each of ``eval_users`` users (drawn per seed) runs in the world three times, each time served by a
+different policy through the world's own session loop (``World._run_sessions``: the same users, start times and
+random streams to start with; the world's responses, satisfaction and leaving):
+
+* ``cascade`` — the trained funnel through its Python API (two-tower + popularity retrieval → pre-ranker →
+  ranker → power-product fusion → re-ranker), each page's feedback appended to the users' live histories, so the
+  next request reads it (closed loop);
+* ``popularity`` — the most popular unseen items (training click counts), the same live histories;
+* ``oracle`` — the world's greedy satisfaction-aware policy (``OracleGreedyPolicy``) over 1,000 candidates
+  drawn by the logging policy's samplers (true values; the reference).
+
+Figures per policy (mean ± std over seeds of the per-seed means): watch seconds per session, session length in
+pages, coverage (distinct items served / catalogue), and for the cascade how many of the oracle's top 10 survive
+each stage — the oracle's top 10 by true expected watch time over the whole catalogue, on each user's first
+request, the user's history window excluded — plus the cascade's per-stage time per request.
+
+Requests carry the end of the evaluation day as their time (every event appended so far is then strictly
+earlier) and hour 20 (sessions start between 19:00 and 20:00); tab 1.
+
+Sizing (full run, 2 cores): training ≈ 10 min on sim:bench-v1, then 3 seeds × 2,000 users × 3 policies.
+``--quick`` runs a 150-user ``sim:small`` world with one short epoch per stage (≈ 20 s) and writes nothing.
+
+Example:
+    funnelrec bench cascade --json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.data.schema import DAY_MS, KUAIRAND_START_MS, long_view_rule
+from funnelrec.data.sources import load_source
+from funnelrec.errors import ConfigError
+from funnelrec.serving.build import BuildConfig, train_cascade
+from funnelrec.serving.cascade import STAGES, Cascade, FunnelSizes
+from funnelrec.sim.diagnostics import OracleGreedyPolicy
+
+__all__ = ["CascadePlan", "FULL_PLAN", "QUICK_PLAN", "CascadePolicy", "PopularityPolicy", "bench_cascade",
+           "run_policies"]
+
+POLICIES = ("cascade", "popularity", "oracle")
+#: Stages whose kept candidates are checked against the oracle's top 10 (``Cascade`` stage names).
+SURVIVAL_STAGES = ("retrieval", "prerank", "fusion", "rerank")
+REQUEST_HOUR = 20
+REQUEST_TAB = 1
+
+
+@dataclass
+class CascadePlan:
+    """Sizes of a cascade benchmark run.
+
+    Args:
+        data: the world (``sim:NAME[?overrides]``).
+        eval_users: users with one evaluation session each, per seed.
+        seeds: seeds (users and random streams).
+        build: how the stages are trained.
+        oracle_candidates: candidates the oracle policy scores per request.
+        oracle_top: the size of the oracle's list whose survival is counted.
+    """
+
+    data: str = "sim:bench-v1"
+    eval_users: int = 2000
+    seeds: int = 3
+    build: BuildConfig = field(default_factory=lambda: BuildConfig(ranker_epochs=2, retriever_epochs=2,
+                                                                   preranker_epochs=1, cem_iterations=4))
+    oracle_candidates: int = 1000
+    oracle_top: int = 10
+
+
+FULL_PLAN = CascadePlan()
+QUICK_PLAN = CascadePlan(
+    data="sim:small?num_users=150&days=3", eval_users=60, seeds=1, oracle_candidates=100,
+    build=BuildConfig(ranker_epochs=1, retriever_epochs=1, preranker_epochs=1, cem_iterations=1,
+                      sizes=FunnelSizes(retrieve=300, popular=50, prerank=100, pool=30, serve=6)))
+
+
+class _LiveFeedback:
+    """Appends the world's page records to a cascade's live histories (the closed loop)."""
+
+    def __init__(self, cascade: Cascade, world):
+        self.cascade = cascade
+        self.user_ids = world.population.user_id
+        self.video_ids = torch.from_numpy(world.catalog.videos["video_id"].to_numpy().astype(np.int64))
+        # item index (video_id + 1) -> catalogue row of the world (-1 for indices without a video)
+        size = max(int(self.video_ids.max()) + 2, cascade.num_items)
+        self.to_catalog = torch.full((size,), -1, dtype=torch.int64)
+        self.to_catalog[self.video_ids + 1] = torch.arange(self.video_ids.shape[0])
+
+    def observe(self, page: dict) -> None:
+        items = page["items"]
+        b, m = items.shape
+        play = page["play_ms"].long()
+        click = page["click"].bool()
+        frame = pl.DataFrame({
+            "user_id": self.user_ids[page["user"]].repeat_interleave(m).numpy(),
+            "video_id": self.video_ids[items].reshape(-1).numpy(),
+            "time_ms": page["time"].repeat_interleave(m).numpy(),
+            "is_click": click.reshape(-1).long().numpy(),
+            "long_view": (click & long_view_rule(play, page["duration"].long())).reshape(-1).long().numpy(),
+            **{col: page[key].reshape(-1).long().numpy()
+               for col, key in (("is_like", "like"), ("is_follow", "follow"), ("is_comment", "comment"),
+                                ("is_forward", "forward"), ("is_hate", "hate"))},
+            "play_time_ms": play.reshape(-1).numpy(),
+        })
+        self.cascade.history.append(frame)
+
+
+class CascadePolicy(_LiveFeedback):
+    """A world policy served by the cascade (``select`` / ``observe``), counting the oracle top-10 survival.
+
+    Args:
+        cascade: the trained cascade.
+        world: the world (ids, catalogue, oracle).
+        day: the evaluation day; request_ms: the request time every request carries.
+        oracle_top: size of the oracle list whose survival is counted.
+    """
+
+    def __init__(self, cascade: Cascade, world, day: int, request_ms: int, oracle_top: int = 10):
+        super().__init__(cascade, world)
+        self.world = world
+        self.day = day
+        self.request_ms = request_ms
+        self.oracle_top = oracle_top
+        self.page_size = world.cfg.sessions.page_size
+        self.seen_users = torch.zeros(world.population.num_users, dtype=torch.bool)
+        self.survived = {s: 0.0 for s in SURVIVAL_STAGES}
+        self.first_requests = 0
+        self.timings = {s: 0.0 for s in STAGES}
+        self.requests = 0
+
+    def _oracle_top(self, user: Tensor, hist_items: Tensor) -> Tensor:
+        """[B, top] item indices of the oracle's top by true expected watch time (history window excluded)."""
+        w = self.world
+        items = torch.arange(w.catalog.num_items)
+        chunk = max(1, 1_000_000 // max(1, user.shape[0]))
+        values = []
+        for lo in range(0, items.shape[0], chunk):
+            part = items[lo: lo + chunk]
+            grid = part.expand(user.shape[0], -1).reshape(-1, 1)
+            uu = user.repeat_interleave(part.shape[0])
+            value = w.oracle.expected_watch_time(uu, grid, tab=REQUEST_TAB, day=self.day)
+            values.append(value.view(user.shape[0], -1))
+        value = torch.cat(values, 1)
+        item_index = self.video_ids + 1  # [I_cat]
+        seen = (item_index.view(1, -1, 1) == hist_items.unsqueeze(1)).any(-1)
+        return item_index[value.masked_fill(seen, float("-inf")).topk(self.oracle_top, dim=1).indices]
+
+    def select(self, user, g):
+        uid = self.user_ids[user].numpy()
+        b = len(uid)
+        out = self.cascade.recommend(uid, np.full(b, self.request_ms), np.full(b, REQUEST_TAB),
+                                     np.full(b, REQUEST_HOUR), count=self.page_size)
+        first = ~self.seen_users[user]
+        if first.any():
+            rows = torch.nonzero(first).squeeze(1)
+            hist = self.cascade.history.history(uid[rows.numpy()], np.full(len(rows), self.request_ms),
+                                                self.cascade.history_len)
+            top = self._oracle_top(user[rows], hist.items)
+            for stage in SURVIVAL_STAGES:
+                kept = out.stage_items[stage][rows]
+                hit = (top.unsqueeze(-1) == kept.unsqueeze(1)).any(-1).float().mean(1)
+                self.survived[stage] += float(hit.sum())
+            self.first_requests += len(rows)
+            self.seen_users[user[rows]] = True
+        for s in STAGES:
+            self.timings[s] += out.timings_ms[s]
+        self.requests += b
+        items = torch.from_numpy(out.items + 1)  # video id -> item index (0 where missing)
+        catalog = self.to_catalog[items.clamp(min=0)]
+        fallback = self.world.logging_policy.popular(b, self.page_size, g)
+        catalog = torch.where(catalog >= 0, catalog, fallback)
+        return catalog, torch.zeros(b, self.page_size, dtype=torch.bool)
+
+
+class PopularityPolicy(_LiveFeedback):
+    """The most popular items (the cascade's training popularity) the user has not seen in the history window
+    or this session (live histories, as the cascade)."""
+
+    def __init__(self, cascade: Cascade, world, request_ms: int):
+        super().__init__(cascade, world)
+        self.request_ms = request_ms
+        self.page_size = world.cfg.sessions.page_size
+        n = cascade.history_len + 64 * self.page_size
+        self.top = cascade.popular_items[:n]
+
+    def select(self, user, g):
+        uid = self.user_ids[user].numpy()
+        b = len(uid)
+        hist = self.cascade.history.history(uid, np.full(b, self.request_ms), self.cascade.history_len)
+        cand = self.top.expand(b, -1)
+        fresh = ~(cand.unsqueeze(-1) == hist.items.unsqueeze(1)).any(-1)
+        key = torch.where(fresh, torch.arange(cand.shape[1]).expand(b, -1), torch.full_like(cand, 1 << 30))
+        pick = cand.gather(1, key.topk(self.page_size, dim=1, largest=False).indices)
+        catalog = self.to_catalog[pick]
+        return catalog, torch.zeros(b, self.page_size, dtype=torch.bool)
+
+
+def _sessions(world, policy, users: Tensor, day: int, seed: int) -> dict[str, float]:
+    """One session of each user under ``policy``; mean watch seconds, pages, distinct items served."""
+    g = torch.Generator().manual_seed(1_000 + seed)
+    n = users.shape[0]
+    start = (KUAIRAND_START_MS + day * DAY_MS + (REQUEST_HOUR - 1) * 3_600_000
+             + (torch.rand(n, generator=g) * 3_600_000).long())
+    horizon = KUAIRAND_START_MS + (day + 1) * DAY_MS
+    available = (world.catalog.upload_day <= day) | (torch.arange(world.catalog.num_items) < world._base_items)
+    if hasattr(policy, "set_available"):
+        policy.set_available(available)
+    pages: list[dict] = []
+    world._run_sessions(users, start, torch.arange(n), day, policy, g, pages, horizon)
+    session = torch.cat([p["session"] for p in pages])
+    play = torch.cat([p["play_ms"].sum(1) for p in pages]).double() / 1000
+    watch = torch.zeros(n, dtype=torch.float64).index_add_(0, session, play)
+    length = torch.bincount(session, minlength=n).float()
+    served = torch.cat([p["items"].reshape(-1) for p in pages])
+    return {"watch_s": float(watch.mean()), "pages": float(length.mean()),
+            "coverage": float(served.unique().numel() / int(available.sum()))}
+
+
+def run_policies(world, cascade: Cascade, plan: CascadePlan, seed: int, progress: bool = False) -> dict:
+    """Every policy on one seed's evaluation users; returns per-policy figures and the cascade's survival."""
+    day = world.cfg.days
+    request_ms = KUAIRAND_START_MS + (day + 1) * DAY_MS
+    users = torch.randperm(world.population.num_users,
+                           generator=torch.Generator().manual_seed(seed))[: plan.eval_users].sort().values
+    out: dict = {}
+    for name in POLICIES:
+        t0 = time.perf_counter()
+        cascade.history.reset()
+        if name == "cascade":
+            policy = CascadePolicy(cascade, world, day, request_ms, plan.oracle_top)
+        elif name == "popularity":
+            policy = PopularityPolicy(cascade, world, request_ms)
+        else:
+            policy = OracleGreedyPolicy(world, "satisfaction", candidates=plan.oracle_candidates)
+        res = _sessions(world, policy, users, day, seed)
+        if name == "cascade":
+            res.update({f"survival_{s}": policy.survived[s] / max(1, policy.first_requests)
+                        for s in SURVIVAL_STAGES})
+            res.update({f"ms_per_request_{s}": policy.timings[s] / max(1, policy.requests) for s in STAGES})
+            res["requests"] = policy.requests
+        res["wall_s"] = time.perf_counter() - t0
+        out[name] = res
+        if progress:
+            print(f"  seed {seed} {name}: {res['watch_s']:.1f} s/session, {res['pages']:.2f} pages, "
+                  f"coverage {res['coverage']:.3f} ({res['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    cascade.history.reset()
+    return out
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summary_markdown(res: dict, plan: CascadePlan) -> str:
+    def cell(key, digits=1):
+        return f"{res[key]:.{digits}f} ± {res[key + '.std']:.{digits}f}" if key in res else "n/a"
+
+    lines = [f"## The cascade in closed loop on `{plan.data}`", "",
+             "| policy | watch s / session | pages / session | coverage |", "| --- | ---: | ---: | ---: |"]
+    for name in POLICIES:
+        lines.append(f"| {name} | {cell(f'{name}.watch_s')} | {cell(f'{name}.pages', 2)} | "
+                     f"{cell(f'{name}.coverage', 3)} |")
+    lines += ["", f"### How many of the oracle's top {plan.oracle_top} survive each stage (first request)", "",
+              "| stage | kept | share of the oracle's top 10 |", "| --- | ---: | ---: |"]
+    kept = {"retrieval": plan.build.sizes.retrieve, "prerank": plan.build.sizes.prerank,
+            "fusion": plan.build.sizes.pool, "rerank": "page"}
+    for s in SURVIVAL_STAGES:
+        lines.append(f"| {s} | {kept[s]} | {cell(f'cascade.survival_{s}', 3)} |")
+    lines += ["", "### Cascade time per request (ms, batched over the users of a page step, 1 thread)", "",
+              "| " + " | ".join(STAGES) + " |", "|" + " ---: |" * len(STAGES),
+              "| " + " | ".join(f"{res.get(f'cascade.ms_per_request_{s}', float('nan')):.3f}" for s in STAGES)
+              + " |"]
+    return "\n".join(lines)
+
+
+@register_benchmark("cascade")
+def bench_cascade(quick: bool = False, data: str | None = None, seeds: int | None = None, threads: int = 1,
+                  progress: bool | None = None) -> BenchResult:
+    """Run the cascade benchmark (see the module doc)."""
+    threads = fix_threads(threads)
+    plan = QUICK_PLAN if quick else FULL_PLAN
+    if data is not None:
+        if not data.startswith("sim:"):
+            raise ConfigError(f"--data {data!r}: the cascade benchmark runs sessions in a simulated world, sim:NAME")
+        plan = dataclasses.replace(plan, data=data)
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ConfigError(f"seeds must be a positive integer, got {seeds!r}")
+        plan = dataclasses.replace(plan, seeds=seeds)
+    progress = (not quick) if progress is None else progress
+    start = time.perf_counter()
+    source = load_source(plan.data, progress=progress)
+    world = source.world
+    if plan.eval_users >= world.population.num_users:
+        raise ConfigError(f"eval_users={plan.eval_users} must be below the world's "
+                          f"{world.population.num_users} users")
+    parts = train_cascade(source, plan.build)
+    cascade = parts.cascade({"name": "bench"})
+    train_s = time.perf_counter() - start
+    if progress:
+        print(f"cascade: stages trained in {train_s:.0f} s ({parts.figures})", file=sys.stderr, flush=True)
+    runs = [run_policies(world, cascade, plan, seed, progress) for seed in range(plan.seeds)]
+    res: dict = {"data": plan.data, "seeds": plan.seeds, "eval_users": plan.eval_users, "threads": threads,
+                 "train_s": train_s, **{f"build.{k}": v for k, v in parts.figures.items()}}
+    for name in POLICIES:
+        for key in runs[0][name]:
+            res[f"{name}.{key}"], res[f"{name}.{key}.std"] = _mean_std([r[name][key] for r in runs])
+    gains = [r["cascade"]["watch_s"] / r["popularity"]["watch_s"] - 1 for r in runs]
+    res["cascade_gain_over_popularity"], res["cascade_gain_over_popularity.std"] = _mean_std(gains)
+    res["cascade_share_of_oracle"] = _mean_std([r["cascade"]["watch_s"] / r["oracle"]["watch_s"] for r in runs])[0]
+    res["wall_s"] = time.perf_counter() - start
+    targets = [Target("cascade_gain_over_popularity", ">", 0.0)]
+    config = {"plan": dataclasses.asdict(plan)}
+    return BenchResult("cascade", res, config=config, targets=targets, quick=quick,
+                       summary=summary_markdown(res, plan))
