@@ -8,11 +8,16 @@ the day before the last / the last):
    ANN index (exact ``flat`` below 50,000 items, IVF above);
 3. the **ranker** (``shared_bottom`` by default, any registered ranker by name) with a D2Q watch-time head, early
    stopping on the valid mean AUC;
-4. the **fusion** formula: a power-product of the ranker's task probabilities and watch time whose weights CEM
-   tunes on simulated sessions of the source's world (a fixed formula when the source is not simulated);
+4. the **fusion** formula: a power-product of the ranker's task probabilities and watch time, its weights first
+   tuned by CEM in the fusion benchmark's session environment (noisy oracle predictions; a fixed formula when the
+   source is not simulated);
 5. the **pre-ranker** (two-tower vectors frozen), distilled from the ranker + fusion on the retrieval stage's
    candidates of sampled training requests (``preranker_target="distill"``), or fitted on the logged impressions
    (``"logs"``);
+6. with ``fusion_tuning="closed_loop"`` (simulated sources): the fusion weights tuned again by CEM on closed-loop
+   sessions served by the assembled cascade itself (:func:`tune_fusion_closed_loop`) on the **last logged day**
+   — yesterday's traffic, never the evaluation day of ``bench cascade`` — so the weights fit the trained ranker's
+   own predictions (its calibration differs from the environment's noisy oracle). Ours.
 6. the **re-ranker**: by fused score (``ScoreOrderReranker``).
 
 The parts come back as :class:`CascadeParts`; :func:`funnelrec.serving.bundle.export_bundle` writes them and
@@ -67,6 +72,9 @@ class BuildConfig:
             or ``"logs"`` (the logged impressions' click and long-view labels).
         distill_requests: training requests sampled for the distillation.
         fusion_kind: the fused formula (``power``, ``linear``, ``logsum``).
+        fusion_tuning: ``"closed_loop"`` (step 6 of the module doc; simulated sources only) or ``"env"``.
+        closed_loop_users: users of each closed-loop CEM candidate's sessions.
+        closed_loop_iterations: closed-loop CEM iterations (8 candidates each).
         cem_iterations: CEM iterations of the fusion weights (0 = the formula's reference weights).
         sizes: the funnel sizes.
         seed: seeds every stage.
@@ -82,6 +90,9 @@ class BuildConfig:
     preranker_target: str = "distill"
     distill_requests: int = 1500
     fusion_kind: str = "power"
+    fusion_tuning: str = "closed_loop"
+    closed_loop_users: int = 96
+    closed_loop_iterations: int = 3
     cem_iterations: int = 4
     sizes: FunnelSizes = field(default_factory=FunnelSizes)
     seed: int = 0
@@ -95,6 +106,11 @@ class BuildConfig:
                               f"got {self.preranker_target!r}")
         if self.distill_requests < 1:
             raise ConfigError(f"build config: distill_requests must be >= 1, got {self.distill_requests}")
+        if self.fusion_tuning not in ("closed_loop", "env"):
+            raise ConfigError(f"build config: fusion_tuning must be 'closed_loop' or 'env', got {self.fusion_tuning!r}")
+        if self.closed_loop_users < 1 or self.closed_loop_iterations < 0:
+            raise ConfigError("build config: closed_loop_users must be >= 1 and closed_loop_iterations >= 0, got "
+                              f"{self.closed_loop_users} and {self.closed_loop_iterations}")
         if self.cem_iterations < 0:
             raise ConfigError(f"build config: cem_iterations must be >= 0, got {self.cem_iterations}")
 
@@ -169,6 +185,45 @@ def tune_fusion(world, kind: str, iterations: int, seed: int = 0) -> FormulaFusi
     obs, _ = env.reset(seed=seed)
     theta, _ = cem_tune(env, kind, reference_log_weights(kind, obs["pxtr"], obs["mask"]), cem)
     return FormulaFusion(kind, theta)
+
+
+def tune_fusion_closed_loop(cascade: Cascade, world, day: int, iterations: int, users: int,
+                            population: int = 8, seed: int = 0) -> tuple[FormulaFusion, list[dict[str, float]]]:
+    """Tune the cascade's fusion log-weights θ by CEM on closed-loop sessions it serves itself.
+
+    Each iteration draws ``population`` θ around the current mean (std 1 at first, floor 0.1); each is scored by
+    the mean session watch time of ``users`` users (the same users and random streams for every candidate of an
+    iteration), served by the cascade with that θ in the world on ``day``; the top quarter refits the mean and
+    std. Starts from the cascade's current fusion. Returns the fusion at the final mean and the per-iteration
+    history (best and mean watch seconds).
+    """
+    from funnelrec.serving.closed_loop import CascadePolicy, run_sessions
+
+    kind = cascade.fusion.kind
+    mean = cascade.fusion.log_weights.clone()
+    std = torch.ones_like(mean)
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(world.population.num_users, generator=g)[:users].sort().values
+    history = []
+    original = cascade.fusion
+    try:
+        for it in range(iterations):
+            thetas = torch.cat([mean.unsqueeze(0), mean + std * torch.randn(population - 1, mean.numel(),
+                                                                                 generator=g)])
+            scores = []
+            for theta in thetas:
+                cascade.fusion = FormulaFusion(kind, theta)
+                cascade.history.reset()
+                policy = CascadePolicy(cascade, world, day, oracle_top=0)
+                scores.append(run_sessions(world, policy, sample, day, seed=seed * 1000 + it)["watch_s"])
+            score = torch.tensor(scores)
+            elite = thetas[score.topk(max(2, population // 4)).indices]
+            mean, std = elite.mean(0), elite.std(0).clamp(min=0.1)
+            history.append({"iteration": it, "best_watch_s": float(score.max()), "mean_watch_s": float(score.mean())})
+    finally:
+        cascade.fusion = original
+        cascade.history.reset()
+    return FormulaFusion(kind, mean), history
 
 
 def _two_tower_vectors(model: TwoTowerRetriever, ds: RequestDataset, batch_size: int = 1024):
@@ -278,6 +333,21 @@ def train_cascade(source, config: BuildConfig | None = None, console: Console | 
     preranker.eval()
     figures["preranker_s"] = time.perf_counter() - t0
     console.print(f"pre-ranker ({cfg.preranker_target}): loss {pfit['loss']:.4f} ({figures['preranker_s']:.0f} s)")
+
+    world = getattr(source, "world", None)
+    if cfg.fusion_tuning == "closed_loop" and world is not None and cfg.closed_loop_iterations > 0:
+        t0 = time.perf_counter()
+        cascade = Cascade(FeatureTables(source.users, source.videos, spec), LiveTimelines(timelines, spec),
+                          retriever, vectors, ann, log_pop, preranker, ranker, fusion, None,
+                          item_duration_s(source.videos, spec), cfg.sizes, cfg.history_len)
+        fusion, curve = tune_fusion_closed_loop(cascade, world, world.cfg.days - 1, cfg.closed_loop_iterations,
+                                                cfg.closed_loop_users, seed=cfg.seed)
+        figures["fusion_closed_loop_s"] = time.perf_counter() - t0
+        figures["fusion_closed_loop_first_mean_watch_s"] = curve[0]["mean_watch_s"]
+        figures["fusion_closed_loop_last_best_watch_s"] = curve[-1]["best_watch_s"]
+        console.print(f"fusion tuned in closed loop: {curve[0]['mean_watch_s']:.0f} → "
+                      f"{curve[-1]['best_watch_s']:.0f} watch s / session on day {world.cfg.days - 1} "
+                      f"({figures['fusion_closed_loop_s']:.0f} s)")
     return CascadeParts(spec=spec, users=source.users, videos=source.videos, history_log=history_log(log),
                         retriever=retriever, retriever_config=rcfg, item_vectors=vectors, ann=ann,
                         item_log_pop=log_pop, preranker=preranker, ranker=ranker, ranker_name=cfg.ranker,

@@ -65,7 +65,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_bundle(parts: CascadeParts, out: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
+def export_bundle(parts: CascadeParts, out: str | Path, name: str | None = None,
+                  overwrite: bool = False) -> Path:
     """Write ``parts`` as a bundle folder ``out`` (written next to it, then renamed into place).
 
     Raises ``BundleError`` if ``out`` exists and ``overwrite`` is False.
@@ -123,6 +124,10 @@ def _manifest(path: Path) -> dict:
     for key in ("files", "retriever", "preranker", "ranker", "fusion", "sizes", "history_len", "tasks"):
         if key not in manifest:
             raise BundleError(f"{mf}: missing field {key!r}")
+    required = {"feature_spec.json", "users.parquet", "videos.parquet", "history.parquet", "retriever.pt",
+                "preranker.pt", "ranker.pt", "tensors.pt"}
+    if not isinstance(manifest["files"], dict) or (missing := sorted(required - set(manifest["files"]))):
+        raise BundleError(f"{mf}: the files list lacks {missing or 'a mapping'} (every file must be checksummed)")
     for rel, digest in manifest["files"].items():
         f = path / rel
         if not f.is_file():
@@ -139,6 +144,14 @@ def _weights(path: Path) -> dict:
         raise BundleError(f"{path}: cannot load tensors ({type(e).__name__}: {e})") from e
 
 
+def _restore(model: torch.nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise BundleError(f"{path}: weights do not fit the model of the manifest ({' '.join(str(e).split())[:300]})") \
+            from e
+
+
 def load_parts(path: str | Path) -> CascadeParts:
     """The :class:`CascadeParts` of a bundle folder (checksums verified first)."""
     path = Path(path)
@@ -151,17 +164,21 @@ def load_parts(path: str | Path) -> CascadeParts:
     rcfg_dict["hidden"] = tuple(rcfg_dict.get("hidden", ()))
     rcfg = TwoTowerConfig(**rcfg_dict)
     rstate = _weights(path / "retriever.pt")
+    if not isinstance(rstate, dict) or "item_sparse" not in rstate or "item_dense" not in rstate:
+        raise BundleError(f"{path / 'retriever.pt'}: not a two-tower state (no item_sparse / item_dense)")
     retriever = TwoTowerRetriever(rcfg, rstate["item_sparse"], rstate["item_dense"])
-    retriever.load_state_dict(rstate)
+    _restore(retriever, rstate, path / "retriever.pt")
     pcfg = PreRankerConfig(**m["preranker"]["config"])
     preranker = PreRanker(pcfg)
-    preranker.load_state_dict(_weights(path / "preranker.pt"))
+    _restore(preranker, _weights(path / "preranker.pt"), path / "preranker.pt")
     kstate = _weights(path / "ranker.pt")
     watch_state = {k.removeprefix("watch."): v for k, v in kstate.items() if k.startswith("watch.")}
     watch = WatchTimeDebiaser.from_state_dict(watch_state) if watch_state else None
     ranker = build_ranker(m["ranker"]["name"], spec, watch, **m["ranker"]["args"])
-    ranker.load_state_dict(kstate)
+    _restore(ranker, kstate, path / "ranker.pt")
     tensors = _weights(path / "tensors.pt")
+    if not isinstance(tensors, dict) or not {"item_vectors", "item_log_pop"} <= set(tensors):
+        raise BundleError(f"{path / 'tensors.pt'}: needs item_vectors and item_log_pop")
     fusion = FormulaFusion(m["fusion"]["kind"], torch.tensor(m["fusion"]["log_weights"]),
                            beta=m["fusion"].get("beta", 0.01))
     try:

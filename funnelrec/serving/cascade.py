@@ -4,8 +4,9 @@ For B requests (user id, time, tab, hour) the cascade
 
 1. slices each user's history (logged + real-time feedback, :class:`~funnelrec.serving.history.LiveTimelines`);
 2. **retrieval** — two channels, merged and de-duplicated in order: the two-tower user vector searched in the ANN
-   index (``FunnelSizes.retrieve`` items, the user's history excluded) and the most popular unseen items
-   (``popular``); the merge keeps the first ``retrieve`` distinct items;
+   index (``FunnelSizes.retrieve`` items, the user's history window excluded) and the most popular unseen items
+   (``popular``); the merge keeps the ANN's top ``retrieve − popular``, then the popular items, then the rest of
+   the ANN list, up to ``retrieve`` distinct items;
 3. **pre-ranking** — :class:`~funnelrec.serving.prerank.PreRanker` over the cached vectors keeps ``prerank``;
 4. **ranking** — the multi-task ranker predicts the T task probabilities and watch time of each;
 5. **fusion** — a ``Fusion`` (DESIGN §5) turns them into one score; the top ``pool`` form the re-ranking pool;
@@ -92,7 +93,7 @@ class CascadeResult:
         pxtr: [B, L, T] the ranker's task probabilities of the served items.
         timings_ms: stage → wall milliseconds for the whole batch.
         sizes: stage → candidates kept (max over the batch).
-        cold_start: [B] True where the user is unknown and has no history.
+        cold_start: [B] True where the user has no history (logged or real-time); unknown users start so.
     """
 
     items: np.ndarray
@@ -250,9 +251,12 @@ class Cascade:
         pop_valid = ~(pop.unsqueeze(-1) == hist_items.unsqueeze(1)).any(-1)
         pop_rank = pop_valid.long().cumsum(1)
         pop_valid &= pop_rank <= s.popular
-        items = torch.cat([ann_items.clamp(min=0), pop], 1)
-        valid = torch.cat([ann_valid, pop_valid], 1)
-        score = torch.cat([ann_score, torch.full(pop.shape, float("nan"))], 1)
+        # priority: the ANN's top (retrieve − popular), then the popular items, then the rest of the ANN list
+        head = max(0, min(s.retrieve - s.popular, ann_items.shape[1]))
+        nan = torch.full(pop.shape, float("nan"))
+        items = torch.cat([ann_items[:, :head].clamp(min=0), pop, ann_items[:, head:].clamp(min=0)], 1)
+        valid = torch.cat([ann_valid[:, :head], pop_valid, ann_valid[:, head:]], 1)
+        score = torch.cat([ann_score[:, :head], nan, ann_score[:, head:]], 1)
         merged, pos = dedupe_rows(items, valid, s.retrieve)
         return merged, pos >= 0, score.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, float("nan"))
 
@@ -299,8 +303,7 @@ class Cascade:
         stage_items: dict[str, Tensor] = {}
         t0 = time.perf_counter()
         hist = self.history.history(user_ids, time_ms, self.history_len)
-        _, known = self.tables.user_rows(user_ids, allow_unknown=True)
-        cold = ~known & (hist.length.numpy() == 0)
+        cold = hist.length.numpy() == 0  # nothing known of the user's behaviour (the ServingBackend contract)
 
         # retrieval
         user_vec, retrieved, valid, retrieval_score = self.retrieve(user_ids, time_ms, tab, hour, hist)

@@ -1,8 +1,9 @@
 """``CascadeBackend``: the production ``ServingBackend`` — the HTTP service's requests served by the cascade.
 
 It maps a validated ``RecommendRequest`` to one cascade call (B = 1; the request's time, tab and hour — the
-server's clock and the hour of that time where absent, tab 1 where absent) and its ``CascadeResult`` back to the
-response JSON; ``observe`` appends feedback to the cascade's live histories, so the user's next request reads it.
+server's clock and the hour of that time in the log's clock (Beijing time, as ``hourmin``) where absent, tab 1
+where absent) and its ``CascadeResult`` back to the response JSON; ``observe`` appends feedback to the cascade's
+live histories, so the user's next request reads it.
 
 Example:
     >>> backend = CascadeBackend(load_bundle("bundles/demo"))                      # doctest: +SKIP
@@ -16,13 +17,19 @@ import time
 import numpy as np
 import polars as pl
 
+from funnelrec.data.schema import DAY_MS, KUAIRAND_START_MS
 from funnelrec.serving.cascade import Cascade
 from funnelrec.serving.schemas import ACTION_FIELDS, RecommendedItem, RecommendResponse
 
-__all__ = ["CascadeBackend", "DEFAULT_TAB"]
+__all__ = ["CascadeBackend", "DEFAULT_TAB", "hour_of"]
 
 #: Tab of a request that names none (KuaiRand's main feed).
 DEFAULT_TAB = 1
+
+
+def hour_of(time_ms: int) -> int:
+    """Hour of day of an epoch-ms time in the log's clock (Beijing time, as KuaiRand's ``hourmin``)."""
+    return int((int(time_ms) - KUAIRAND_START_MS) % DAY_MS // 3_600_000)
 
 
 class CascadeBackend:
@@ -41,7 +48,7 @@ class CascadeBackend:
         t = request.time_ms if request.time_ms is not None else self.clock_ms()
         ctx = request.context
         tab = ctx.tab if ctx.tab is not None else DEFAULT_TAB
-        hour = ctx.hour if ctx.hour is not None else int(time.gmtime(t / 1000).tm_hour)
+        hour = ctx.hour if ctx.hour is not None else hour_of(t)
         count = min(request.count, self.cascade.sizes.pool)
         out = self.cascade.recommend([request.user_id], [t], [tab], [hour], count=count)
         items = []
