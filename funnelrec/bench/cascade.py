@@ -77,6 +77,7 @@ FULL_PLAN = CascadePlan()
 QUICK_PLAN = CascadePlan(
     data="sim:small?num_users=150&days=3", eval_users=60, seeds=1, oracle_candidates=100,
     build=BuildConfig(ranker_epochs=1, retriever_epochs=1, preranker_epochs=1, cem_iterations=1,
+                      distill_requests=150, closed_loop_iterations=1, closed_loop_users=24,
                       sizes=FunnelSizes(retrieve=300, popular=50, prerank=100, pool=30, serve=6)))
 
 
