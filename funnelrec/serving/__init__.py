@@ -6,7 +6,7 @@
 * ``funnelrec.serving.server`` — :func:`serve` (uvicorn), :func:`background_server`.
 * ``funnelrec.serving.feedback_log`` — :class:`FeedbackLog`, the fsynced append-only log compacted into
   Parquet.
-* ``funnelrec.serving.realtime`` — :class:`RealtimeHistory`, base + real-time per-user histories.
+* ``funnelrec.serving.history`` — :class:`LiveTimelines`, the logged histories plus the feedback since.
 
 Names are imported lazily, so ``import funnelrec.serving`` costs nothing until one is used.
 
@@ -26,8 +26,7 @@ _EXPORTS = {
     "create_app": "funnelrec.serving.app",
     "ServingBackend": "funnelrec.serving.backend",
     "FeedbackLog": "funnelrec.serving.feedback_log",
-    "RealtimeHistory": "funnelrec.serving.realtime",
-    "UserHistory": "funnelrec.serving.realtime",
+    "LiveTimelines": "funnelrec.serving.history",
     "FeedbackEvent": "funnelrec.serving.schemas",
     "FeedbackRequest": "funnelrec.serving.schemas",
     "RecommendRequest": "funnelrec.serving.schemas",

@@ -14,9 +14,9 @@ Call order the service guarantees:
    time and in log order (duplicates already removed), from a worker thread while ``recommend`` calls may be
    running.
 
-So a backend must be thread-safe between ``recommend`` and ``observe`` (``RealtimeHistory`` is), and the next
-``recommend`` of a user must see that user's feedback: key any cached per-user state by
-``RealtimeHistory.version(user_id)``.
+So a backend must be thread-safe between ``recommend`` and ``observe`` (``LiveTimelines`` of
+``funnelrec.serving.history`` is), and the next ``recommend`` of a user must see that user's feedback: key any
+cached per-user state by ``LiveTimelines.version(user_id)``.
 
 This interface is ours.
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import polars as pl
 
 from funnelrec.data.schema import DAY_MS, KUAIRAND_START_MS
 from funnelrec.serving.cascade import Cascade
-from funnelrec.serving.schemas import ACTION_FIELDS, RecommendedItem, RecommendResponse
+from funnelrec.serving.history import events_frame
+from funnelrec.serving.schemas import RecommendedItem, RecommendResponse
 
 __all__ = ["CascadeBackend", "DEFAULT_TAB", "hour_of"]
 
@@ -64,13 +64,7 @@ class CascadeBackend:
     def observe(self, events) -> None:
         if not events:
             return
-        frame = pl.DataFrame({
-            "user_id": [e.user_id for e in events], "video_id": [e.item_id for e in events],
-            "time_ms": [e.time_ms for e in events],
-            **{name: [getattr(e, name) for e in events] for name in ACTION_FIELDS},
-            "play_time_ms": [e.play_time_ms for e in events],
-        })
-        self.cascade.history.append(frame)
+        self.cascade.history.append(events_frame(events))
 
     def describe(self) -> dict:
         c = self.cascade

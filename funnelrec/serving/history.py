@@ -10,7 +10,12 @@ Recent events are assumed to be newer than every logged event of the same user (
 log ends); an event older than that is still kept, but sorted after the logged ones.
 
 ``version(user_id)`` counts the appends per user, so per-user caches (sequence K/V, result lists) can tell that a
-user's history changed.
+user's history changed. :func:`events_frame` turns the service's ``FeedbackEvent``s into the frame ``append``
+reads.
+
+Thread safety: one lock guards the recent events; ``append`` and ``history`` may run concurrently.
+
+All of this is ours (the serving papers assume a real-time feature store; this is its in-memory form).
 
 Example:
     >>> import polars as pl
@@ -33,8 +38,35 @@ from torch import Tensor
 
 from funnelrec.data.timeline import History, Timelines
 from funnelrec.errors import DataError
+from funnelrec.serving.schemas import ACTION_FIELDS
 
-__all__ = ["LiveTimelines", "merge_histories"]
+__all__ = ["LiveTimelines", "events_frame", "merge_histories"]
+
+_EVENT_COLUMNS = ("user_id", "video_id", "time_ms", *ACTION_FIELDS, "play_time_ms")
+
+
+def events_frame(events) -> pl.DataFrame:
+    """Feedback events as the frame :meth:`LiveTimelines.append` reads.
+
+    Args:
+        events: objects with ``user_id, item_id, time_ms``, the action flags ``ACTION_FIELDS`` and
+            ``play_time_ms`` (e.g. :class:`~funnelrec.serving.schemas.FeedbackEvent`), in arrival order.
+    Returns:
+        a frame with one Int64 row per event: ``user_id, video_id`` (= ``item_id``), ``time_ms``, the action
+        columns, ``play_time_ms``.
+
+    Example:
+        >>> from funnelrec.serving.schemas import FeedbackEvent
+        >>> f = events_frame([FeedbackEvent(event_id="e1", user_id=1, item_id=9, time_ms=30, is_like=1)])
+        >>> f.select("user_id", "video_id", "time_ms", "is_like").row(0)
+        (1, 9, 30, 1)
+    """
+    events = list(events)
+    data = {"user_id": [e.user_id for e in events], "video_id": [e.item_id for e in events],
+            "time_ms": [e.time_ms for e in events],
+            **{name: [getattr(e, name) for e in events] for name in ACTION_FIELDS},
+            "play_time_ms": [e.play_time_ms for e in events]}
+    return pl.DataFrame(data, schema={c: pl.Int64 for c in _EVENT_COLUMNS})
 
 
 def merge_histories(older: History, newer: History, max_len: int) -> History:
@@ -148,6 +180,12 @@ class LiveTimelines:
     def version(self, user_id: int) -> int:
         """How many events were appended for ``user_id`` since start-up."""
         return self._versions.get(int(user_id), 0)
+
+    def known_user(self, user_id: int) -> bool:
+        """Whether ``user_id`` has any event, logged or appended since start-up (or since ``reset``)."""
+        user_id = int(user_id)
+        s = self.base.user_events(user_id)
+        return s.stop > s.start or self.version(user_id) > 0
 
     def history(self, user_ids, request_time_ms, max_len: int) -> History:
         """Histories of B requests, logged and recent events merged (see ``Timelines.history``)."""

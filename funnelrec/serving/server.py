@@ -128,8 +128,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
     """The callable named by ``module.path:name`` or ``path/to/file.py:name``.
 
     Example:
-        >>> load_factory("funnelrec.serving.realtime:RealtimeHistory").__name__
-        'RealtimeHistory'
+        >>> load_factory("funnelrec.serving.history:LiveTimelines").__name__
+        'LiveTimelines'
     """
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:

@@ -1,9 +1,10 @@
 """A tiny deterministic backend and a server-process launcher for the HTTP-layer tests.
 
 ``RuleBackend`` ranks the catalogue ``0 .. num_items-1`` by a fixed per-(user, item) hash score and excludes
-every item in the user's history (``RealtimeHistory``), caching the excluded set per ``(user, version)``: a
-feedback event must invalidate the cache for the next ``/recommend`` to change. It also counts what
-``observe`` received, so tests can check that replay applies each event exactly once.
+every item in the user's history (a ``LiveTimelines`` over an empty log: item index = video id + 1),
+caching the excluded set per ``(user, version)``: a feedback event must invalidate the cache for the next
+``/recommend`` to change. It also counts what ``observe`` received, so tests can check that replay applies
+each event exactly once.
 
 The subprocess tests start it with ``python -m funnelrec.serving.server --backend <this file>:make_backend``.
 """
@@ -20,22 +21,34 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import polars as pl
 
+from funnelrec.data.objectives import ACTION_COLUMNS
+from funnelrec.data.timeline import Timelines
 from funnelrec.errors import DataError
-from funnelrec.serving.realtime import RealtimeHistory
+from funnelrec.serving.history import LiveTimelines, events_frame
 from funnelrec.serving.schemas import RecommendedItem, RecommendResponse
 
 REPO = Path(__file__).resolve().parents[2]
 THIS = Path(__file__).resolve()
+#: Request time of a read without one: after every event.
+FAR_FUTURE_MS = 2**62
+
+
+def empty_history() -> LiveTimelines:
+    """A ``LiveTimelines`` with no logged events (no spec: item index = video id + 1)."""
+    log = pl.DataFrame({c: pl.Series(c, [], dtype=pl.Int64)
+                        for c in ("user_id", "video_id", "time_ms", *ACTION_COLUMNS)})
+    return LiveTimelines(Timelines.from_log(log))
 
 
 class RuleBackend:
     """Deterministic test backend (see the module doc)."""
 
-    def __init__(self, num_items: int = 50, history: RealtimeHistory | None = None, max_hist: int = 1000,
+    def __init__(self, num_items: int = 50, history: LiveTimelines | None = None, max_hist: int = 1000,
                  fail_user: int | None = None, refuse_user: int | None = None):
         self.num_items = num_items
-        self.history = RealtimeHistory() if history is None else history
+        self.history = empty_history() if history is None else history
         self.max_hist = max_hist
         self.fail_user, self.refuse_user = fail_user, refuse_user
         self._items = np.arange(num_items, dtype=np.int64)
@@ -55,7 +68,8 @@ class RuleBackend:
         if cached is not None and cached[0] == version:
             self.cache_hits += 1
             return cached[1]
-        seen = self.history.history(user_id, self.max_hist, before_ms=time_ms).item_ids
+        t = FAR_FUTURE_MS if time_ms is None else time_ms
+        seen = self.history.history([user_id], [t], self.max_hist).items[0].numpy() - 1  # index 0 = padding
         mask = np.zeros(self.num_items, bool)
         mask[seen[(seen >= 0) & (seen < self.num_items)]] = True
         if time_ms is None:
@@ -87,11 +101,12 @@ class RuleBackend:
             self.observe_calls += 1
             self.observed += len(events)
             self.observed_ids.update(e.event_id for e in events)
-        self.history.append(events)
+        self.history.append(events_frame(events))
 
     def describe(self) -> dict:
         return {"name": "rule", "num_items": self.num_items, "observed_events": self.observed,
-                "distinct_observed": len(self.observed_ids), "history": self.history.describe()}
+                "distinct_observed": len(self.observed_ids),
+                "history": {"num_recent": self.history.num_recent}}
 
     def known_item(self, item_id: int) -> bool:
         return 0 <= item_id < self.num_items

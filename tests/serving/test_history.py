@@ -1,6 +1,9 @@
 """LiveTimelines / merge_histories: equal to ``Timelines.from_log`` over the log plus the appended events
-(random logs, many users, max_len 0, 1, …), version counting, ``max_recent`` trimming, reset, bad feedback
-frames."""
+(random logs, many users, max_len 0, 1, …), version counting, ``known_user``, ``max_recent`` trimming, reset,
+bad feedback frames, ``events_frame`` of FeedbackEvents (ties in arrival order), concurrent appends and
+reads."""
+
+import threading
 
 import numpy as np
 import polars as pl
@@ -13,7 +16,8 @@ from hypothesis import strategies as st
 from funnelrec.data.objectives import ACTION_COLUMNS
 from funnelrec.data.timeline import History, Timelines
 from funnelrec.errors import DataError
-from funnelrec.serving.history import LiveTimelines, merge_histories
+from funnelrec.serving.history import LiveTimelines, events_frame, merge_histories
+from funnelrec.serving.schemas import ACTION_FIELDS, FeedbackEvent
 
 A = len(ACTION_COLUMNS)
 
@@ -216,7 +220,6 @@ def test_negative_id(column):
     assert live.num_recent == 0 and live.version(1) == 0
 
 
-
 def test_reset_forgets_recent_events():
     base, batches, q_users, q_time = _random_case(4)
     tl = Timelines.from_log(base)
@@ -231,3 +234,82 @@ def test_reset_forgets_recent_events():
     live.append(batches[0])
     _assert_same(live.history(q_users, q_time, 6), Timelines.from_log(_full(base, batches[:1])).history(
         q_users, q_time, 6))
+
+
+def _empty_live(**kw) -> LiveTimelines:
+    log = pl.DataFrame({c: pl.Series(c, [], dtype=pl.Int64) for c in ("user_id", "video_id", "time_ms",
+                                                                      *ACTION_COLUMNS)})
+    return LiveTimelines(Timelines.from_log(log), **kw)
+
+
+def test_known_user_logged_or_appended():
+    base = pl.DataFrame({"user_id": [1, 1], "video_id": [3, 4], "time_ms": [10, 20]})
+    live = LiveTimelines(Timelines.from_log(base, action_columns=()))
+    assert live.known_user(1) and live.known_user(np.int64(1))
+    assert not live.known_user(2) and not live.known_user(0)
+    live.append(pl.DataFrame({"user_id": [2], "video_id": [5], "time_ms": [30]}))
+    assert live.known_user(2) and not live.known_user(3)  # known before the next read rebuilds
+    live.reset()
+    assert not live.known_user(2) and live.known_user(1)
+
+
+def test_events_frame_of_feedback_events_and_ties():
+    """FeedbackEvents → frame → append: ids, times, every action flag and play time kept; equal times keep
+    arrival order (after the logged events at the same time)."""
+    assert ACTION_FIELDS == ACTION_COLUMNS
+    live = LiveTimelines(Timelines.from_log(pl.DataFrame(
+        {"user_id": [7], "video_id": [1], "time_ms": [100], **{c: [0] for c in ACTION_COLUMNS}})))
+    events = [FeedbackEvent(event_id=f"e{i}", user_id=7, item_id=10 + i, time_ms=100,
+                            play_time_ms=1000 * i, **{ACTION_FIELDS[i]: 1}) for i in range(A)]
+    frame = events_frame(events)
+    assert frame.columns == ["user_id", "video_id", "time_ms", *ACTION_FIELDS, "play_time_ms"]
+    assert all(dt == pl.Int64 for dt in frame.dtypes)
+    assert frame.get_column("video_id").to_list() == [10 + i for i in range(A)]
+    assert frame.get_column("play_time_ms").to_list() == [1000 * i for i in range(A)]
+    live.append(frame)
+    assert live.version(7) == A
+    h = live.history([7], [101], A + 3)
+    n = int(h.length[0])
+    assert n == A + 1
+    # logged first, then arrival order
+    assert (h.items[0, -n:] - 1).tolist() == [1, *(10 + i for i in range(A))]
+    torch.testing.assert_close(h.actions[0, -A:], torch.eye(A))
+    assert live.history([7], [100], 5).length.tolist() == [0]  # strictly before the request time
+    assert events_frame([]).height == 0
+    live.append(events_frame([]))
+    assert live.version(7) == A
+
+
+def test_concurrent_appends_and_reads():
+    """Writers append from 6 threads while a reader reads: every read is time-ordered, and at the end every
+    event is held once with the versions summing to the events appended."""
+    live = _empty_live()
+    errors = []
+
+    def writer(k):
+        for j in range(100):
+            live.append(pl.DataFrame({"user_id": [k % 3], "video_id": [k * 1000 + j], "time_ms": [1 + j]}))
+
+    def reader():
+        try:
+            for _ in range(150):
+                h = live.history([0, 1, 2], [10**6] * 3, 50)
+                for i in range(3):
+                    n = int(h.length[i])
+                    gaps = h.gap_s[i, 50 - n:]
+                    assert torch.all(gaps[1:] <= gaps[:-1])  # oldest → newest
+        except AssertionError as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(6)]
+    threads.append(threading.Thread(target=reader))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert live.num_recent == 600
+    assert sum(live.version(u) for u in range(3)) == 600
+    h = live.history([0], [10**6], 1000)
+    got = (h.items[0, 1000 - int(h.length[0]):] - 1).tolist()
+    assert sorted(got) == sorted(k * 1000 + j for k in (0, 3) for j in range(100))

@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["funnelrec.serving", "funnelrec.serving.schemas",
-                                    "funnelrec.serving.realtime", "funnelrec.serving.feedback_log",
+                                    "funnelrec.serving.history", "funnelrec.serving.feedback_log",
                                     "funnelrec.serving.backend", "funnelrec.serving.app",
                                     "funnelrec.serving.server"])
 def test_docstring_examples_run(module):
