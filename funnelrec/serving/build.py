@@ -18,7 +18,8 @@ the day before the last / the last):
    sessions served by the assembled cascade itself (:func:`tune_fusion_closed_loop`) on the **last logged day**
    — yesterday's traffic, never the evaluation day of ``bench cascade`` — so the weights fit the trained ranker's
    own predictions (its calibration differs from the environment's noisy oracle). Ours.
-6. the **re-ranker**: by fused score (``ScoreOrderReranker``).
+6. the **re-ranker**: the greedy one, by fused score (``funnelrec.rerank.GreedyReranker``; any ``Reranker``
+   can be passed to the ``Cascade``).
 
 The parts come back as :class:`CascadeParts`; :func:`funnelrec.serving.bundle.export_bundle` writes them and
 ``load_bundle`` rebuilds the :class:`~funnelrec.serving.cascade.Cascade`.
@@ -51,7 +52,7 @@ from funnelrec.retrieval.ann import AnnConfig, AnnIndex
 from funnelrec.retrieval.data import RetrievalData
 from funnelrec.retrieval.training import fit_retriever
 from funnelrec.retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
-from funnelrec.serving.cascade import Cascade, FunnelSizes, ScoreOrderReranker
+from funnelrec.serving.cascade import Cascade, FunnelSizes
 from funnelrec.serving.history import LiveTimelines
 from funnelrec.serving.prerank import PreRanker, PreRankerConfig, distill_preranker, fit_preranker
 from funnelrec.train.loop import fit_multitask
@@ -143,8 +144,8 @@ class CascadeParts:
         live = LiveTimelines(Timelines.from_log(self.history_log, self.spec), self.spec)
         return Cascade(FeatureTables(self.users, self.videos, self.spec), live, self.retriever, self.item_vectors,
                        self.ann, self.item_log_pop, self.preranker, self.ranker, self.fusion,
-                       ScoreOrderReranker(), item_duration_s(self.videos, self.spec), self.sizes,
-                       self.history_len, self.tasks, metadata)
+                       None, item_duration_s(self.videos, self.spec), self.sizes,
+                       self.history_len, self.tasks, metadata, videos=self.videos)
 
 
 def item_duration_s(videos: pl.DataFrame, spec: FeatureSpec) -> torch.Tensor:

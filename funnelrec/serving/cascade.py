@@ -10,7 +10,8 @@ For B requests (user id, time, tab, hour) the cascade
 3. **pre-ranking** — :class:`~funnelrec.serving.prerank.PreRanker` over the cached vectors keeps ``prerank``;
 4. **ranking** — the multi-task ranker predicts the T task probabilities and watch time of each;
 5. **fusion** — a ``Fusion`` (DESIGN §5) turns them into one score; the top ``pool`` form the re-ranking pool;
-6. **re-ranking** — a ``Reranker`` picks the served list of ``serve`` items from the pool.
+6. **re-ranking** — a ``Reranker`` (``funnelrec.rerank``: greedy by default, or generators + an evaluator such
+   as FlashEvaluator) picks the served list from the pool.
 
 Every stage builds its ``RequestBatch`` through :class:`~funnelrec.data.feature_tables.FeatureTables` — the
 featurisation ``RequestDataset`` uses for training — and the result carries every stage's candidates, scores,
@@ -40,12 +41,12 @@ from funnelrec.data.batch import RequestBatch
 from funnelrec.data.feature_tables import FeatureTables
 from funnelrec.errors import ConfigError, DataError
 from funnelrec.ranking.watch_time import watch_seconds
+from funnelrec.rerank import GreedyReranker, RerankPool
 from funnelrec.retrieval.ann import AnnIndex
 from funnelrec.serving.history import LiveTimelines
 from funnelrec.serving.prerank import PreRanker
 
-__all__ = ["FunnelSizes", "CascadeResult", "Cascade", "ScoreOrderReranker", "fusion_inputs", "dedupe_rows",
-           "STAGES"]
+__all__ = ["FunnelSizes", "CascadeResult", "Cascade", "complete_lists", "fusion_inputs", "dedupe_rows", "STAGES"]
 
 STAGES = ("retrieval", "prerank", "ranking", "fusion", "rerank")
 #: Squash of predicted watch seconds into (0, 1) for the fusion inputs (as ``SessionEnvConfig.watch_scale_s``).
@@ -94,6 +95,20 @@ class CascadeResult:
         timings_ms: stage → wall milliseconds for the whole batch.
         sizes: stage → candidates kept (max over the batch).
         cold_start: [B] True where the user has no history (logged or real-time); unknown users start so.
+        detail: only with ``recommend(..., detail=True)`` (None otherwise): every kept candidate's scores, for
+            inspection (the funnel explorer). C = retrieved, P = pre-ranked, K = pool, L = served, N = history:
+
+            * ``retrieval`` [B, C] cosine of ``stage_items["retrieval"]`` (NaN: popularity channel or padding);
+            * ``prerank_all`` [B, C] pre-rank score of every retrieved item (-inf at padding);
+            * ``prerank_pos`` [B, P] positions in the retrieval list of ``stage_items["prerank"]`` (pre-rank
+              score order);
+            * ``prerank`` [B, P], ``pxtr`` [B, P, T], ``watch_s`` [B, P], ``fusion`` [B, P] (-inf at padding):
+              the pre-ranked items' pre-rank score, ranker task probabilities, predicted watch seconds and fused
+              score (the ranking and fusion stages score exactly these items);
+            * ``pool_pos`` [B, K], ``final_pos`` [B, L]: positions among the pre-ranked items of
+              ``stage_items["fusion"]`` and ``stage_items["rerank"]``;
+            * ``hist_items`` [B, N], ``hist_actions`` [B, N, A], ``hist_gap_s`` [B, N], ``hist_len`` [B]: the
+              history every stage read (left-padded, most recent last).
     """
 
     items: np.ndarray
@@ -104,14 +119,18 @@ class CascadeResult:
     sizes: dict[str, int]
     cold_start: np.ndarray
     tasks: tuple[str, ...] = field(default_factory=tuple)
+    detail: dict[str, Tensor] | None = None
 
 
-class ScoreOrderReranker:
-    """The plain re-ranker: the pool's top items by fused score (the greedy baseline of re-ranking)."""
-
-    def select(self, batch: RequestBatch, pool_scores: Tensor, length: int) -> Tensor:
-        """[B, L] positions into the pool (``batch.cand_items`` [B, P]) of the served lists."""
-        return pool_scores.masked_fill(~batch.cand_mask, float("-inf")).topk(length, dim=1).indices
+def complete_lists(chosen: Tensor, pool_score: Tensor, pool_mask: Tensor, count: int) -> Tensor:
+    """[B, count] pool positions: the re-ranker's list (``chosen`` [B, L], in order) first, then the rest of the
+    pool by fused score — so any ``count`` can be served from a re-ranker of a fixed list length L."""
+    b, p = pool_score.shape
+    key = pool_score.masked_fill(~pool_mask, float("-inf")).clone()
+    top = torch.finfo(key.dtype).max
+    rank = torch.arange(chosen.shape[1], dtype=key.dtype).expand(b, -1)
+    key.scatter_(1, chosen, top - rank * (top / (2 * p + 2)))  # chosen first, in the re-ranker's order
+    return key.topk(min(count, p), dim=1).indices
 
 
 def dedupe_rows(items: Tensor, valid: Tensor, keep: int) -> tuple[Tensor, Tensor]:
@@ -164,18 +183,22 @@ class Cascade:
         preranker: the pre-ranker.
         ranker: a multi-task ranker (``predict`` → [B, M, T], ``predict_watch_time`` → [B, M]).
         fusion: a ``Fusion`` (``score(pxtr [B, M, 7], user_state [B, S])``).
-        reranker: ``select(batch, pool_scores, length)`` → [B, L] pool positions (default: by fused score).
+        reranker: a ``funnelrec.rerank.Reranker`` (``select(batch, RerankPool) -> RerankOutput``; default: the
+            greedy re-ranker, by fused score); its list leads the served list, the pool's next items by fused
+            score fill any remaining slots.
         item_duration_s: [I] duration of every item index in seconds (the ranker's watch-time head reads it).
         sizes: the funnel sizes.
         history_len: N, the history length every stage reads.
         tasks: the ranker's task names (its output order).
         metadata: free-form description (bundle name, versions) for ``describe``.
+        videos: the video table (``video_id`` and feature columns) the item features come from, kept for
+            inspection (the funnel explorer shows duration, tag, author); optional.
     """
 
     def __init__(self, tables: FeatureTables, history: LiveTimelines, retriever, item_vectors: Tensor,
                  ann: AnnIndex, item_log_pop: Tensor, preranker: PreRanker, ranker, fusion, reranker=None,
                  item_duration_s: Tensor | None = None, sizes: FunnelSizes | None = None, history_len: int = 50,
-                 tasks: tuple[str, ...] = (), metadata: dict | None = None):
+                 tasks: tuple[str, ...] = (), metadata: dict | None = None, videos=None):
         self.tables = tables
         self.history = history
         self.retriever = retriever.eval()
@@ -185,11 +208,12 @@ class Cascade:
         self.preranker = preranker.eval()
         self.ranker = ranker.eval()
         self.fusion = fusion
-        self.reranker = reranker or ScoreOrderReranker()
         self.sizes = sizes or FunnelSizes()
+        self.reranker = reranker or GreedyReranker(list_len=self.sizes.serve)
         self.history_len = int(history_len)
         self.tasks = tuple(tasks)
         self.metadata = dict(metadata or {})
+        self.videos = videos
         num_items = item_vectors.shape[0]
         if item_log_pop.shape[0] != num_items:
             raise ConfigError(f"item_log_pop has {item_log_pop.shape[0]} rows, item_vectors {num_items}")
@@ -204,6 +228,27 @@ class Cascade:
         pop = item_log_pop.masked_fill(~self.item_known, float("-inf"))
         self.popular_items = pop.argsort(descending=True)[: self.sizes.popular + self.history_len]
         self.popular_items = self.popular_items[torch.isfinite(pop[self.popular_items])]
+        self.onnx = None  # OnnxStages while ranking / pre-ranking run through onnxruntime (use_onnx)
+
+    def use_onnx(self, ranker=None, preranker=None, threads: int | None = None) -> "Cascade":
+        """Run the ranker's dense part and / or the pre-ranker through onnxruntime sessions.
+
+        Args:
+            ranker: the ranker's exported graph (``funnelrec.serving.onnx_export.export_ranker``: bytes or a
+                file), or None to keep ranking in PyTorch.
+            preranker: the pre-ranker's graph (``export_preranker``), or None.
+            threads: onnxruntime intra-op threads (default: torch's).
+        Both None switches back to PyTorch. Returns the cascade.
+        """
+        from funnelrec.serving.onnx_export import OnnxStages
+
+        if ranker is None and preranker is None:
+            self.onnx = None
+            self.metadata.pop("runtime", None)
+        else:
+            self.onnx = OnnxStages(self.ranker, self.preranker, ranker, preranker, threads)
+            self.metadata["runtime"] = self.onnx.describe()
+        return self
 
     # ------------------------------------------------------------------ batches
     @property
@@ -270,7 +315,8 @@ class Cascade:
     def rank(self, user_ids, time_ms, tab, hour, cand: Tensor, cand_mask: Tensor, hist) -> tuple[Tensor, Tensor]:
         """The ranking stage on candidates [B, M]: ([B, M, T] task probabilities, [B, M] watch seconds)."""
         batch = self.request_batch(user_ids, time_ms, tab, hour, cand, cand_mask, history=hist)
-        out = self.ranker(batch)  # one forward for the task heads and the watch head
+        # one forward for the task heads and the watch head
+        out = self.ranker(batch) if self.onnx is None else self.onnx.rank(batch)
         return torch.sigmoid(out["logits"]), watch_seconds(out["watch"], batch.duration_s, self.ranker.watch)
 
     def fuse(self, pxtr: Tensor, watch: Tensor, cand_mask: Tensor) -> Tensor:
@@ -279,7 +325,8 @@ class Cascade:
         return fused.masked_fill(~cand_mask, float("-inf"))
 
     @torch.inference_mode()
-    def recommend(self, user_ids, time_ms, tab, hour, count: int | None = None) -> CascadeResult:
+    def recommend(self, user_ids, time_ms, tab, hour, count: int | None = None,
+                  detail: bool = False) -> CascadeResult:
         """Serve B requests.
 
         Args:
@@ -287,6 +334,8 @@ class Cascade:
             time_ms: [B] request times (histories hold only earlier events).
             tab: [B] KuaiRand tabs; hour: [B] hours of day.
             count: list length (default ``sizes.serve``; at most ``sizes.pool``).
+            detail: also return every kept candidate's scores at every stage (``CascadeResult.detail``); the
+                tensors are the ones the stages computed anyway, so this costs nothing but memory.
         """
         count = self.sizes.serve if count is None else int(count)
         if not 1 <= count <= self.sizes.pool:
@@ -312,7 +361,8 @@ class Cascade:
         timings["retrieval"] = (t1 - t0) * 1e3
 
         # pre-ranking
-        pre = self.preranker.score(user_vec, self.item_vectors[retrieved], self.item_log_pop[retrieved])
+        scorer = self.preranker.score if self.onnx is None else self.onnx.prerank_score
+        pre = scorer(user_vec, self.item_vectors[retrieved], self.item_log_pop[retrieved])
         pre = pre.masked_fill(~valid, float("-inf"))
         keep = pre.topk(min(self.sizes.prerank, pre.shape[1]), dim=1).indices
         cand = retrieved.gather(1, keep)
@@ -339,7 +389,11 @@ class Cascade:
 
         # re-ranking
         pool_batch = self.request_batch(user_ids, time_ms, tab, hour, pool * pool_mask, pool_mask, history=hist)
-        pick = self.reranker.select(pool_batch, fused.gather(1, pool_pos), min(count, pool.shape[1]))
+        pool_score = fused.gather(1, pool_pos)
+        pool_inputs = fusion_inputs(pxtr, watch).gather(1, pool_pos.unsqueeze(-1).expand(-1, -1, 7))
+        chosen = self.reranker.select(pool_batch, RerankPool(pool * pool_mask, pool_mask, pool_inputs,
+                                                             pool_score)).positions
+        pick = complete_lists(chosen, pool_score, pool_mask, count)
         final_pos = pool_pos.gather(1, pick)  # positions among the ranked candidates
         final = cand.gather(1, final_pos)
         final_mask = cand_mask.gather(1, final_pos)
@@ -356,5 +410,11 @@ class Cascade:
         sizes = {"retrieval": int(valid.sum(1).max()), "prerank": int(cand_mask.sum(1).max()),
                  "ranking": int(cand_mask.sum(1).max()), "fusion": int(pool_mask.sum(1).max()),
                  "rerank": int(final_mask.sum(1).max())}
+        extra = None
+        if detail:
+            extra = {"retrieval": retrieval_score, "prerank_all": pre, "prerank_pos": keep, "prerank": pre_score,
+                     "pxtr": pxtr, "watch_s": watch, "fusion": fused, "pool_pos": pool_pos, "final_pos": final_pos,
+                     "hist_items": hist.items, "hist_actions": hist.actions, "hist_gap_s": hist.gap_s,
+                     "hist_len": hist.length}
         return CascadeResult(items=items, stage_items=stage_items, scores=scores, pxtr=served_pxtr,
-                             timings_ms=timings, sizes=sizes, cold_start=cold, tasks=self.tasks)
+                             timings_ms=timings, sizes=sizes, cold_start=cold, tasks=self.tasks, detail=extra)
