@@ -266,6 +266,7 @@ def export_bundle_cmd(
     epochs: int = typer.Option(3, "--epochs", help="At most this many epochs for the retriever and the ranker."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle folder."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also export the ranker and pre-ranker to ONNX (onnx/)."),
 ) -> None:
     """Train every stage of the cascade on DATA and write them as one checksummed bundle."""
     from funnelrec.data.sources import load_source
@@ -280,7 +281,7 @@ def export_bundle_cmd(
         source = load_source(data)
         parts = train_cascade(source, BuildConfig(ranker=ranker, ranker_epochs=epochs, retriever_epochs=epochs,
                                                   seed=seed), console=console)
-        path = export_bundle(parts, out, overwrite=force)
+        path = export_bundle(parts, out, overwrite=force, onnx=onnx)
         console.print(f"wrote bundle {path} ({sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 1e6:.1f}"
                       f" MB); serve it with `funnelrec serve --bundle {path}`")
     except FunnelrecError as err:
@@ -294,18 +295,25 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port (0 = any free port)."),
     log_dir: Path = typer.Option(None, "--log-dir", help="Feedback log folder (default: BUNDLE/../feedback-NAME)."),
     port_file: Path = typer.Option(None, "--port-file", help="Write the bound port here once listening."),
+    cache: str = typer.Option("memory", "--cache", help="Per-user result cache: memory, redis or none."),
+    redis_url: str = typer.Option("redis://127.0.0.1:6379/0", "--redis-url", help="Redis of --cache redis."),
+    runtime: str = typer.Option("torch", "--runtime", help="Ranking / pre-ranking runtime: torch or onnx "
+                                "(a bundle exported with --onnx)."),
 ) -> None:
     """Serve a bundle's cascade over HTTP: /recommend, /feedback, /healthz, /metrics."""
     from funnelrec.serving.app import ServiceConfig
     from funnelrec.serving.bundle import load_bundle
     from funnelrec.serving.cascade_backend import CascadeBackend
+    from funnelrec.serving.result_cache import CachedBackend, make_cache
     from funnelrec.serving.server import serve as run_server
 
     try:
-        cascade = load_bundle(bundle)
+        store = make_cache(cache, redis_url)
+        cascade = load_bundle(bundle, runtime=runtime)
         logs = log_dir if log_dir is not None else bundle.parent / f"feedback-{bundle.name}"
         config = ServiceConfig(host=host, port=port, log_dir=str(logs), max_count=cascade.sizes.pool)
-        run_server(CascadeBackend(cascade), config, port_file=port_file)
+        backend = CascadeBackend(cascade)
+        run_server(backend if store is None else CachedBackend(backend, store), config, port_file=port_file)
     except FunnelrecError as err:
         _fail(err)
 

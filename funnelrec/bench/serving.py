@@ -15,7 +15,7 @@ reported ``requests_per_s`` is the highest rate meeting both (the floor target i
 Reported at that rate: ``p50_ms``, ``p99_ms``, ``errors`` (must be 0), and the share of the client-side latency
 spent in model compute (the sum of the response's per-stage ``timings_ms``) vs everything else (HTTP, JSON,
 validation, queueing). Each variant runs the same steps: the plain cascade, with the result cache
-(``--cache memory``), with onnxruntime (``--onnx``), and both — a variant whose ``funnelrec serve`` option does
+(``--cache memory``), with onnxruntime (``--runtime onnx``), and both — a variant whose ``funnelrec serve`` option does
 not exist is reported as not run.
 
 Example:
@@ -62,15 +62,16 @@ class ServingPlan:
     data: str = "sim:small?num_users=600&days=4&catalog.num_items=100000"
     rates: tuple[float, ...] = (25, 50, 75, 100, 150, 200, 300, 400)
     step_s: float = 15.0
-    variants: dict = field(default_factory=lambda: {"cascade": [], "cache": ["--cache", "memory"],
-                                                    "onnx": ["--onnx"], "cache+onnx": ["--cache", "memory", "--onnx"]})
+    variants: dict = field(default_factory=lambda: {
+        "cascade": ["--cache", "none"], "cache": ["--cache", "memory"],
+        "onnx": ["--cache", "none", "--runtime", "onnx"], "cache+onnx": ["--cache", "memory", "--runtime", "onnx"]})
     epochs: int = 2
     bundle_dir: str = "runs/bench-serving/bundle"
 
 
 FULL_PLAN = ServingPlan()
 QUICK_PLAN = ServingPlan(data="sim:small?num_users=120&days=3", rates=(10, 20), step_s=1.0,
-                         variants={"cascade": []}, epochs=1, bundle_dir="")
+                         variants={"cascade": ["--cache", "none"]}, epochs=1, bundle_dir="")
 
 
 def poisson_schedule(rate: float, duration_s: float, seed: int) -> np.ndarray:
@@ -192,7 +193,7 @@ def _bundle(plan: ServingPlan, work: Path, progress: bool) -> Path:
     e = plan.epochs
     build = BuildConfig(ranker_epochs=e, retriever_epochs=e, preranker_epochs=1, distill_requests=300,
                         closed_loop_iterations=0, cem_iterations=1)
-    export_bundle(train_cascade(source, build), path, overwrite=True)
+    export_bundle(train_cascade(source, build), path, overwrite=True, onnx=True)
     return path
 
 

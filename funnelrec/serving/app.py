@@ -10,6 +10,8 @@ Endpoints (JSON in and out; the full contract with examples is docs/serving.md):
   and applied to the backend (``observe``), so the user's next ``/recommend`` sees them.
 * ``GET /healthz`` — status, the backend's ``describe()``, log counts, uptime.
 * ``GET /metrics`` — Prometheus text format from an app-local registry.
+* ``POST /explore`` (a ``RecommendRequest``) and ``GET /explorer`` (the page) — the funnel explorer
+  (``funnelrec.serving.explorer``), only when the backend has ``explore(request)``; 404 otherwise.
 
 Errors are JSON objects ``{"error": kind, "message": text}``; bad input adds ``"fields": [{"field": "count",
 "message": ..., "type": ...}]`` (dotted paths, list indices included: ``events.3.is_click``):
@@ -65,7 +67,7 @@ from typing import Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,7 +81,7 @@ from funnelrec.serving.schemas import (DEFAULT_MAX_COUNT, DEFAULT_MAX_EVENTS, Fe
 __all__ = ["ServiceConfig", "create_app", "validation_body"]
 
 log = logging.getLogger("funnelrec.serving")
-_ENDPOINTS = ("/recommend", "/feedback", "/healthz", "/metrics")
+_ENDPOINTS = ("/recommend", "/feedback", "/healthz", "/metrics", "/explore", "/explorer")
 _REPLAY_CHUNK = 10_000
 
 
@@ -194,6 +196,9 @@ class _Metrics:
         self.replayed = Gauge("funnelrec_feedback_replayed_events",
                               "Events replayed from the log at start-up", registry=r)
         self.compactions = Counter("funnelrec_feedback_compactions_total", "Log compactions", registry=r)
+        self.in_flight_recommend = 0  # /recommend requests received and not answered yet (queued + running)
+        Gauge("funnelrec_recommend_in_flight", "Recommend requests received and not answered yet",
+              registry=r).set_function(lambda: self.in_flight_recommend)
 
 
 class _Guard:
@@ -213,6 +218,8 @@ class _Guard:
         endpoint = path if path in _ENDPOINTS else "other"
         status = {"code": 500}
         start = time.perf_counter()
+        if endpoint == "/recommend":  # the load a backend may degrade on (the result cache); event-loop thread
+            self.metrics.in_flight_recommend += 1
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -259,6 +266,8 @@ class _Guard:
 
             await self.app(scope, replay_receive, send_wrapper)
         finally:
+            if endpoint == "/recommend":
+                self.metrics.in_flight_recommend -= 1
             self.metrics.requests.labels(endpoint, scope.get("method", ""), str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -326,6 +335,9 @@ def create_app(backend, config: ServiceConfig | None = None) -> FastAPI:
     RecReq, FbReq = bounded_models(config.max_count, config.max_events)
     metrics = _Metrics()
     state = _State(backend, config, metrics)
+    instrument = getattr(backend, "instrument", None)
+    if callable(instrument):  # optional hook: the app's registry and its in-flight /recommend count
+        instrument(metrics.registry, lambda: metrics.in_flight_recommend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -420,6 +432,26 @@ def create_app(backend, config: ServiceConfig | None = None) -> FastAPI:
     @app.get("/metrics")
     def metrics_endpoint():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if callable(getattr(backend, "explore", None)):  # the funnel explorer (funnelrec.serving.explorer)
+        from funnelrec.serving.explorer import explorer_page
+
+        page = explorer_page()
+
+        @app.post("/explore")
+        def explore(body: RecReq):
+            if body.request_id is None:
+                body = body.model_copy(update={"request_id": uuid.uuid4().hex})
+            try:
+                return JSONResponse(backend.explore(body))
+            except DataError as err:
+                return JSONResponse(validation_body([{"field": err.column or "body", "message": err.reason,
+                                                      "type": "backend"}], "the backend refused the request"),
+                                    status_code=422)
+
+        @app.get("/explorer", response_class=HTMLResponse)
+        def explorer():
+            return HTMLResponse(page)
 
     return app
 

@@ -11,11 +11,16 @@ A bundle (``funnelrec export bundle --out bundles/NAME``) holds
 ``retriever.pt``            two-tower ``state_dict``; ``preranker.pt``; ``ranker.pt`` (with its watch-time tables)
 ``tensors.pt``              item vectors [I, D] and log popularity [I]
 ``ann/``                    the FAISS index (``AnnIndex.save``: its own manifest and checksums)
+``onnx/``                   optional (``export_bundle(..., onnx=True)``): ``ranker.onnx``,
+                            ``preranker.onnx``, the dense parts of the ranker and the pre-ranker
 ==========================  =====================================================================
 
 Loading (:func:`load_bundle`) checks the manifest's format, that every listed file exists and matches its checksum
 (a ``BundleError`` names the file otherwise), then rebuilds the models from their configs and loads the weights
 with ``torch.load(weights_only=True)``: a bundle can only carry tensors, never code. No pickle anywhere.
+``load_bundle(path, runtime="onnx")`` serves ranking and pre-ranking through onnxruntime sessions over the
+bundle's ``onnx/`` graphs (``funnelrec.serving.onnx_export``; checksummed like every file; a graph onnxruntime
+cannot load, or one that does not fit the bundle's models, is a ``BundleError`` naming it).
 
 Example:
     >>> export_bundle(parts, "bundles/demo")                      # doctest: +SKIP
@@ -37,7 +42,7 @@ import torch
 
 import funnelrec
 from funnelrec.data.features import FeatureSpec
-from funnelrec.errors import FunnelrecError
+from funnelrec.errors import ConfigError, FunnelrecError
 from funnelrec.fusion.formulas import FormulaFusion
 from funnelrec.ranking import build_ranker
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
@@ -66,9 +71,10 @@ def _sha256(path: Path) -> str:
 
 
 def export_bundle(parts: CascadeParts, out: str | Path, name: str | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, onnx: bool = False) -> Path:
     """Write ``parts`` as a bundle folder ``out`` (written next to it, then renamed into place).
 
+    ``onnx=True`` also exports the ranker's and pre-ranker's dense parts to ``onnx/`` (parity-checked).
     Raises ``BundleError`` if ``out`` exists and ``overwrite`` is False.
     """
     out = Path(out)
@@ -87,6 +93,11 @@ def export_bundle(parts: CascadeParts, out: str | Path, name: str | None = None,
     torch.save({"item_vectors": parts.item_vectors.contiguous(), "item_log_pop": parts.item_log_pop.contiguous()},
                tmp / "tensors.pt")
     parts.ann.save(tmp / "ann")
+    onnx_entry = None
+    if onnx:
+        from funnelrec.serving.onnx_export import export_onnx_files
+
+        onnx_entry = export_onnx_files(parts.ranker, parts.preranker, tmp / "onnx")
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {
         "format": BUNDLE_FORMAT, "name": name or out.name, "funnelrec": funnelrec.__version__,
@@ -100,6 +111,7 @@ def export_bundle(parts: CascadeParts, out: str | Path, name: str | None = None,
         "reranker": {"kind": "score_order"},
         "sizes": dataclasses.asdict(parts.sizes), "history_len": parts.history_len, "tasks": list(parts.tasks),
         "figures": parts.figures,
+        **({"onnx": onnx_entry} if onnx_entry else {}),
         "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
     }
     (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -195,11 +207,34 @@ def load_parts(path: str | Path) -> CascadeParts:
                         figures=m.get("figures", {}))
 
 
-def load_bundle(path: str | Path) -> Cascade:
-    """The serving :class:`Cascade` of a bundle folder (see the module doc)."""
+def load_bundle(path: str | Path, runtime: str = "torch") -> Cascade:
+    """The serving :class:`Cascade` of a bundle folder (see the module doc).
+
+    Args:
+        runtime: ``"torch"``, or ``"onnx"`` to rank and pre-rank through the bundle's ONNX graphs.
+    """
+    if runtime not in ("torch", "onnx"):
+        raise ConfigError(f"bundle: runtime must be 'torch' or 'onnx', got {runtime!r}")
     path = Path(path)
     parts = load_parts(path)
     m = json.loads((path / _MANIFEST).read_text())
-    return parts.cascade({"name": m.get("name"), "created": m.get("created"), "funnelrec": m.get("funnelrec"),
-                          "ranker": m["ranker"]["name"], "path": str(path)})
+    meta = {"name": m.get("name"), "created": m.get("created"), "funnelrec": m.get("funnelrec"),
+            "ranker": m["ranker"]["name"], "path": str(path)}
+    cascade = parts.cascade(meta)
+    return _use_onnx(cascade, path, m) if runtime == "onnx" else cascade
 
+
+def _use_onnx(cascade: Cascade, path: Path, manifest: dict) -> Cascade:
+    """Switch ``cascade`` to the bundle's ONNX graphs (checksums were verified by ``load_parts``)."""
+    entry = manifest.get("onnx")
+    if not isinstance(entry, dict) or not {"ranker", "preranker"} <= set(entry):
+        raise BundleError(f"{path / _MANIFEST}: the bundle has no ONNX graphs (export it with onnx=True / "
+                          f"--onnx)")
+    files = {k: path / entry[k] for k in ("ranker", "preranker")}
+    for f in files.values():
+        if f.relative_to(path).as_posix() not in manifest["files"]:
+            raise BundleError(f"{f}: not checksummed in the manifest")
+    try:
+        return cascade.use_onnx(files["ranker"], files["preranker"])
+    except FunnelrecError as e:
+        raise BundleError(str(e)) from e

@@ -412,8 +412,9 @@ class Cascade:
                  "rerank": int(final_mask.sum(1).max())}
         extra = None
         if detail:
-            extra = {"retrieval": retrieval_score, "prerank_all": pre, "prerank_pos": keep, "prerank": pre_score,
-                     "pxtr": pxtr, "watch_s": watch, "fusion": fused, "pool_pos": pool_pos, "final_pos": final_pos,
+            extra = {"retrieval": retrieval_score, "prerank_all": pre, "prerank_pos": keep,
+                     "prerank": pre_score, "pxtr": pxtr, "watch_s": watch, "fusion": fused,
+                     "pool_pos": pool_pos, "final_pos": final_pos,
                      "hist_items": hist.items, "hist_actions": hist.actions, "hist_gap_s": hist.gap_s,
                      "hist_len": hist.length}
         return CascadeResult(items=items, stage_items=stage_items, scores=scores, pxtr=served_pxtr,

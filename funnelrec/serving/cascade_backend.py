@@ -3,7 +3,8 @@
 It maps a validated ``RecommendRequest`` to one cascade call (B = 1; the request's time, tab and hour — the
 server's clock and the hour of that time in the log's clock (Beijing time, as ``hourmin``) where absent, tab 1
 where absent) and its ``CascadeResult`` back to the response JSON; ``observe`` appends feedback to the cascade's
-live histories, so the user's next request reads it.
+live histories, so the user's next request reads it. ``explore`` serves the same request with every stage's
+candidates and scores (the funnel explorer, ``funnelrec.serving.explorer``).
 
 Example:
     >>> backend = CascadeBackend(load_bundle("bundles/demo"))                      # doctest: +SKIP
@@ -43,13 +44,18 @@ class CascadeBackend:
     def __init__(self, cascade: Cascade, clock_ms=None):
         self.cascade = cascade
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self._catalog = None
 
-    def recommend(self, request) -> RecommendResponse:
+    def _args(self, request) -> tuple[int, int, int, int]:
+        """(time_ms, tab, hour, count) of a request, defaults filled in."""
         t = request.time_ms if request.time_ms is not None else self.clock_ms()
         ctx = request.context
         tab = ctx.tab if ctx.tab is not None else DEFAULT_TAB
         hour = ctx.hour if ctx.hour is not None else hour_of(t)
-        count = min(request.count, self.cascade.sizes.pool)
+        return t, tab, hour, min(request.count, self.cascade.sizes.pool)
+
+    def recommend(self, request) -> RecommendResponse:
+        t, tab, hour, count = self._args(request)
         out = self.cascade.recommend([request.user_id], [t], [tab], [hour], count=count)
         items = []
         for rank, item in enumerate(out.items[0].tolist(), start=1):
@@ -60,6 +66,22 @@ class CascadeBackend:
             items.append(RecommendedItem(item_id=int(item), rank=rank, scores=scores))
         return RecommendResponse(user_id=request.user_id, request_id=request.request_id or "", items=items,
                                  timings_ms=out.timings_ms, sizes=out.sizes, cold_start=bool(out.cold_start[0]))
+
+    def explore(self, request, max_per_stage: int = 100) -> dict:
+        """The request served with ``detail=True``, as the funnel explorer's JSON
+        (:func:`~funnelrec.serving.explorer.explore_payload`): history, every stage's candidates (the first
+        ``max_per_stage`` and any served item below them) with their scores, the served list with its item
+        features.
+        """
+        from funnelrec.serving.explorer import ItemCatalog, explore_payload
+
+        if self._catalog is None:
+            self._catalog = ItemCatalog(self.cascade)  # built once; a concurrent first call builds it twice
+        t, tab, hour, count = self._args(request)
+        out = self.cascade.recommend([request.user_id], [t], [tab], [hour], count=count, detail=True)
+        asked = {"user_id": request.user_id, "request_id": request.request_id, "time_ms": int(t),
+                 "tab": int(tab), "hour": int(hour), "count": int(count)}
+        return explore_payload(self.cascade, out, asked, self._catalog, max_per_stage=max_per_stage)
 
     def observe(self, events) -> None:
         if not events:

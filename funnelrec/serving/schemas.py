@@ -136,6 +136,9 @@ class RecommendResponse(BaseModel):
             rerank).
         sizes: candidates leaving every stage.
         cold_start: True when the backend knew nothing about the user (no history, base or real-time).
+        served_from: with the result cache (``funnelrec.serving.result_cache``): ``"cascade"`` when the list
+            was computed for this request, ``"cache"`` when it came from the user's cached next items (degrade
+            mode); None from a backend without the cache.
     """
 
     model_config = _LAX
@@ -145,6 +148,7 @@ class RecommendResponse(BaseModel):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     sizes: dict[str, int] = Field(default_factory=dict)
     cold_start: bool = False
+    served_from: Literal["cache", "cascade"] | None = None
 
 
 class FeedbackEvent(BaseModel):
