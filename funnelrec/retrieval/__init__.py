@@ -42,6 +42,7 @@ from funnelrec.retrieval.sasrec import SASRec, SASRecConfig
 from funnelrec.retrieval.training import FitResult, fit_retriever
 from funnelrec.retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
 from funnelrec.retrieval.ann import AnnConfig, AnnIndex  # noqa: F401  (the ANN index: docs/retrieval-ann.md)
+from funnelrec.retrieval.mpformer import FROM_SPEC as _MP_SPEC, MPFormer, MPFormerConfig, build_mpformer  # noqa: E402
 
 __all__ = [
     "RETRIEVERS", "build_retriever", "Retriever", "RetrievalData", "evaluate_retriever", "fit_retriever",
@@ -92,6 +93,7 @@ RETRIEVERS: dict[str, RetrieverEntry] = {
                                 ("user_vocab", "item_vocab", "num_items", "user_dense", "item_dense"),
                                 _build_two_tower),
     "sasrec": RetrieverEntry(SASRec, SASRecConfig, ("num_items", "item_vocab"), _build_sasrec),
+    "mpformer": RetrieverEntry(MPFormer, MPFormerConfig, _MP_SPEC, build_mpformer),  # docs/retrieval-mpformer.md
 }
 
 

@@ -13,7 +13,7 @@ from funnelrec.errors import ConfigError, DataError
 from funnelrec.retrieval import RETRIEVERS, SASRec, SASRecConfig, build_retriever
 
 SMALL = dict(two_tower=dict(hidden=(32,), out_dim=16, num_sampled=64), sasrec=dict(dim=16, layers=1, max_len=30),
-             popularity={})
+             popularity={}, mpformer=dict(dim=16, layers=1, max_len=30, num_sampled=64))
 
 
 def _model(name: str, data, **kw):
