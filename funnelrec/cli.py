@@ -299,21 +299,26 @@ def serve(
     redis_url: str = typer.Option("redis://127.0.0.1:6379/0", "--redis-url", help="Redis of --cache redis."),
     runtime: str = typer.Option("torch", "--runtime", help="Ranking / pre-ranking runtime: torch or onnx "
                                 "(a bundle exported with --onnx)."),
+    cache_mode: str = typer.Option("serve", "--cache-mode", help="serve: answer from a user's cached next items "
+                                   "whenever it holds enough; degrade: only when the service is overloaded."),
 ) -> None:
     """Serve a bundle's cascade over HTTP: /recommend, /feedback, /healthz, /metrics."""
     from funnelrec.serving.app import ServiceConfig
     from funnelrec.serving.bundle import load_bundle
     from funnelrec.serving.cascade_backend import CascadeBackend
-    from funnelrec.serving.result_cache import CachedBackend, make_cache
+    from funnelrec.serving.result_cache import CacheConfig, CachedBackend, make_cache
     from funnelrec.serving.server import serve as run_server
 
     try:
+        if cache_mode not in ("serve", "degrade"):
+            raise FunnelrecError(f"--cache-mode must be serve or degrade, got {cache_mode!r}")
         store = make_cache(cache, redis_url)
         cascade = load_bundle(bundle, runtime=runtime)
         logs = log_dir if log_dir is not None else bundle.parent / f"feedback-{bundle.name}"
         config = ServiceConfig(host=host, port=port, log_dir=str(logs), max_count=cascade.sizes.pool)
         backend = CascadeBackend(cascade)
-        run_server(backend if store is None else CachedBackend(backend, store), config, port_file=port_file)
+        cached = CachedBackend(backend, store, CacheConfig(serve_cached=cache_mode == "serve")) if store else None
+        run_server(backend if cached is None else cached, config, port_file=port_file)
     except FunnelrecError as err:
         _fail(err)
 
