@@ -377,6 +377,12 @@ def create_app(backend, config: ServiceConfig | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal", f"{type(exc).__name__}: {exc}")
 
+    def _backend_failed(path: str, exc: Exception):
+        # answered here, not by the Exception handler above: Starlette re-raises after that handler's response,
+        # and the server then drops the connection, which a client can see as a reset instead of the 500
+        log.exception("backend error on %s", path)
+        return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
     @app.post("/recommend", response_model=RecommendResponse)
     def recommend(body: RecReq):  # a sync endpoint: runs in the thread pool
         if body.request_id is None:
@@ -387,6 +393,8 @@ def create_app(backend, config: ServiceConfig | None = None) -> FastAPI:
             return JSONResponse(validation_body([{"field": err.column or "body", "message": err.reason,
                                                   "type": "backend"}], "the backend refused the request"),
                                 status_code=422)
+        except Exception as err:  # noqa: BLE001 - any backend failure is a 500 JSON body
+            return _backend_failed("/recommend", err)
         if not isinstance(out, RecommendResponse):
             out = RecommendResponse.model_validate(out)
         for stage, ms in out.timings_ms.items():
@@ -448,6 +456,8 @@ def create_app(backend, config: ServiceConfig | None = None) -> FastAPI:
                 return JSONResponse(validation_body([{"field": err.column or "body", "message": err.reason,
                                                       "type": "backend"}], "the backend refused the request"),
                                     status_code=422)
+            except Exception as err:  # noqa: BLE001 - any backend failure is a 500 JSON body
+                return _backend_failed("/explore", err)
 
         @app.get("/explorer", response_class=HTMLResponse)
         def explorer():
