@@ -43,6 +43,7 @@ from funnelrec.retrieval.training import FitResult, fit_retriever
 from funnelrec.retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
 from funnelrec.retrieval.ann import AnnConfig, AnnIndex  # noqa: F401  (the ANN index: docs/retrieval-ann.md)
 from funnelrec.retrieval.mpformer import FROM_SPEC as _MP_SPEC, MPFormer, MPFormerConfig, build_mpformer  # noqa: E402
+from funnelrec.retrieval.t2diff import FROM_SPEC as _T2_SPEC, T2Diff, T2DiffConfig, build_t2diff  # noqa: E402
 
 __all__ = [
     "RETRIEVERS", "build_retriever", "Retriever", "RetrievalData", "evaluate_retriever", "fit_retriever",
@@ -94,6 +95,7 @@ RETRIEVERS: dict[str, RetrieverEntry] = {
                                 _build_two_tower),
     "sasrec": RetrieverEntry(SASRec, SASRecConfig, ("num_items", "item_vocab"), _build_sasrec),
     "mpformer": RetrieverEntry(MPFormer, MPFormerConfig, _MP_SPEC, build_mpformer),  # docs/retrieval-mpformer.md
+    "t2diff": RetrieverEntry(T2Diff, T2DiffConfig, _T2_SPEC, build_t2diff),  # docs/retrieval-t2diff.md
 }
 
 

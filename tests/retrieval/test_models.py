@@ -13,7 +13,8 @@ from funnelrec.errors import ConfigError, DataError
 from funnelrec.retrieval import RETRIEVERS, SASRec, SASRecConfig, build_retriever
 
 SMALL = dict(two_tower=dict(hidden=(32,), out_dim=16, num_sampled=64), sasrec=dict(dim=16, layers=1, max_len=30),
-             popularity={}, mpformer=dict(dim=16, layers=1, max_len=30, num_sampled=64))
+             popularity={}, mpformer=dict(dim=16, layers=1, max_len=30, num_sampled=64),
+             t2diff=dict(out_dim=16, hidden=(32,), num_sampled=64, steps=5, max_len=30, denoiser_hidden=32))
 
 
 def _model(name: str, data, **kw):
