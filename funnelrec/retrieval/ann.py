@@ -54,7 +54,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -67,7 +66,7 @@ import numpy as np
 from funnelrec.errors import ConfigError, DataError
 from funnelrec.retrieval.ann_filters import (check_ids, check_vectors, compact_topk, exact_topk, exclusion_mask,
                                              flatten_exclusions)
-from funnelrec.utils.io import atomic_path
+from funnelrec.utils.io import atomic_path, sha256_file
 
 __all__ = ["AnnConfig", "AnnIndex", "KINDS", "FORMAT", "auto_nlist"]
 
@@ -128,12 +127,7 @@ class AnnConfig:
             raise ConfigError(f"ann: allow_exact_below must be an integer >= 0, got {self.allow_exact_below!r}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file  # the checksum recorded in the manifest
 
 
 class AnnIndex:

@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 import shutil
@@ -51,6 +50,7 @@ from funnelrec.retrieval.two_tower import TwoTowerConfig, TwoTowerRetriever
 from funnelrec.serving.build import CascadeParts
 from funnelrec.serving.cascade import Cascade, FunnelSizes
 from funnelrec.serving.prerank import PreRanker, PreRankerConfig
+from funnelrec.utils.io import sha256_file
 
 __all__ = ["BundleError", "export_bundle", "load_bundle", "load_parts", "BUNDLE_FORMAT"]
 
@@ -62,12 +62,7 @@ class BundleError(FunnelrecError):
     """A bundle folder that cannot be loaded: missing, corrupt or from an unknown format."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file  # the checksum recorded in the manifest
 
 
 def export_bundle(parts: CascadeParts, out: str | Path, name: str | None = None,

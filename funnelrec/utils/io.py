@@ -1,6 +1,7 @@
-"""Atomic file output: write to a temporary path next to the target, then rename.
+"""File helpers: atomic output (write to a temporary path next to the target, then rename) and checksums.
 
-A command that fails half-way leaves no partial file or folder behind.
+A command that fails half-way leaves no partial file or folder behind; ``sha256_file`` is the checksum every
+checksummed artefact (ANN index folders, model bundles) records and verifies.
 
 Example:
     >>> import tempfile, pathlib
@@ -14,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -45,3 +47,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
