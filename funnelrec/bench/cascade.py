@@ -35,10 +35,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.bench.harness import BenchResult, Target, fix_threads, mean_std, register_benchmark
 from funnelrec.data.sources import load_source
 from funnelrec.errors import ConfigError
 from funnelrec.serving.build import BuildConfig, train_cascade
@@ -111,11 +110,6 @@ def run_policies(world, cascade: Cascade, plan: CascadePlan, seed: int, progress
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    a = np.asarray(xs, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
 def summary_markdown(res: dict, plan: CascadePlan) -> str:
     def cell(key, digits=1):
         return f"{res[key]:.{digits}f} ± {res[key + '.std']:.{digits}f}" if key in res else "n/a"
@@ -169,10 +163,10 @@ def bench_cascade(quick: bool = False, data: str | None = None, seeds: int | Non
                  "train_s": train_s, **{f"build.{k}": v for k, v in parts.figures.items()}}
     for name in POLICIES:
         for key in runs[0][name]:
-            res[f"{name}.{key}"], res[f"{name}.{key}.std"] = _mean_std([r[name][key] for r in runs])
+            res[f"{name}.{key}"], res[f"{name}.{key}.std"] = mean_std([r[name][key] for r in runs])
     gains = [r["cascade"]["watch_s"] / r["popularity"]["watch_s"] - 1 for r in runs]
-    res["cascade_gain_over_popularity"], res["cascade_gain_over_popularity.std"] = _mean_std(gains)
-    res["cascade_share_of_oracle"] = _mean_std([r["cascade"]["watch_s"] / r["oracle"]["watch_s"] for r in runs])[0]
+    res["cascade_gain_over_popularity"], res["cascade_gain_over_popularity.std"] = mean_std(gains)
+    res["cascade_share_of_oracle"] = mean_std([r["cascade"]["watch_s"] / r["oracle"]["watch_s"] for r in runs])[0]
     res["wall_s"] = time.perf_counter() - start
     targets = [Target("cascade_gain_over_popularity", ">", 0.0)]
     config = {"plan": dataclasses.asdict(plan)}

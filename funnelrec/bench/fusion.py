@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.bench.harness import BenchResult, Target, beats, fix_threads, mean_std, register_benchmark
 from funnelrec.errors import ConfigError
 from funnelrec.fusion.env import TASKS, OracleGreedy, SessionEnv, SessionEnvConfig, evaluate, split_users
 from funnelrec.fusion.formulas import CEMConfig, FormulaFusion, FormulaRL, cem_tune, reference_log_weights
@@ -356,20 +356,6 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
-
-
-def _beats(a: list[float], b: list[float]) -> bool:
-    """DESIGN §7: the mean paired difference a − b exceeds 2 std (with one seed: any positive difference)."""
-    m, s = _mean_std([x - y for x, y in zip(a, b)])
-    return bool(m > 2 * s)
-
-
 def _aggregate(runs: list[dict], prefix: str = "") -> tuple[dict, dict[str, list[float]]]:
     res: dict = {}
     per: dict[str, list[float]] = {}
@@ -378,7 +364,7 @@ def _aggregate(runs: list[dict], prefix: str = "") -> tuple[dict, dict[str, list
         w = [r["rows"][name]["watch_s"] for r in runs]
         p = [r["rows"][name]["pages"] for r in runs]
         per[name] = w
-        (mw, sw), (mp, sp) = _mean_std(w), _mean_std(p)
+        (mw, sw), (mp, sp) = mean_std(w), mean_std(p)
         res.update({f"{prefix}{name}.watch_s": mw, f"{prefix}{name}.watch_s.std": sw,
                     f"{prefix}{name}.pages": mp, f"{prefix}{name}.pages.std": sp})
     return res, per
@@ -389,37 +375,37 @@ def derived_figures(runs: list[dict], switch_runs: list[dict]) -> dict:
     res, per = _aggregate(runs)
     rl_rows = [n for n in FORMULA_RL if n in per]
     if rl_rows and "xmtf" in per:
-        best = max(rl_rows, key=lambda n: _mean_std(per[n])[0])
+        best = max(rl_rows, key=lambda n: mean_std(per[n])[0])
         gains = [x / y - 1 for x, y in zip(per["xmtf"], per[best])]
         res["best_formula_rl"] = best
-        res["best_formula_rl.watch_s"] = _mean_std(per[best])[0]
-        res["xmtf_gain_over_best_formula_rl"], res["xmtf_gain_over_best_formula_rl.std"] = _mean_std(gains)
-        res["xmtf_beats_best_formula_rl"] = _beats(per["xmtf"], per[best])
+        res["best_formula_rl.watch_s"] = mean_std(per[best])[0]
+        res["xmtf_gain_over_best_formula_rl"], res["xmtf_gain_over_best_formula_rl.std"] = mean_std(gains)
+        res["xmtf_beats_best_formula_rl"] = beats(per["xmtf"], per[best])
         for name in ("xmtf_no_inner", "xmtf_no_outer", "xmtf_lambda0"):
             if name in per:
-                res[f"{name}_gain_over_best_formula_rl"] = _mean_std(
+                res[f"{name}_gain_over_best_formula_rl"] = mean_std(
                     [x / y - 1 for x, y in zip(per[name], per[best])])[0]
     if all(n in per for n in ORACLE):
-        res["oracle_satisfaction_gain_over_watch"] = _mean_std(
+        res["oracle_satisfaction_gain_over_watch"] = mean_std(
             [x / y - 1 for x, y in zip(per["oracle_greedy_satisfaction"], per["oracle_greedy_watch"])])[0]
     for name in CELLS:
         rates = [r["violations"][name] for r in runs if name in r["violations"]]
         if rates:
-            res[f"{name}.violation_rate"], res[f"{name}.violation_rate.std"] = _mean_std(rates)
+            res[f"{name}.violation_rate"], res[f"{name}.violation_rate.std"] = mean_std(rates)
     for task in runs[0]["auc"]:
-        res[f"pred_auc_{task}"] = _mean_std([r["auc"][task][0] for r in runs])[0]
-        res[f"oracle_auc_{task}"] = _mean_std([r["auc"][task][1] for r in runs])[0]
+        res[f"pred_auc_{task}"] = mean_std([r["auc"][task][0] for r in runs])[0]
+        res[f"oracle_auc_{task}"] = mean_std([r["auc"][task][1] for r in runs])[0]
     if switch_runs:
         sres, sper = _aggregate(switch_runs, prefix="switch_off.")
         res.update(sres)
         ref = sper.get("oracle_greedy_watch")
         rl = [n for n in RL_METHODS if n in sper]
         if ref and rl:
-            gains = {n: _mean_std([x / y - 1 for x, y in zip(sper[n], ref)])[0] for n in rl}
+            gains = {n: mean_std([x / y - 1 for x, y in zip(sper[n], ref)])[0] for n in rl}
             res["switch_off.max_rl_gain_over_oracle_greedy_watch"] = max(gains.values())
-            res["switch_off.rl_beating_oracle_greedy_watch"] = sum(_beats(sper[n], ref) for n in rl)
+            res["switch_off.rl_beating_oracle_greedy_watch"] = sum(beats(sper[n], ref) for n in rl)
         if all(n in sper for n in ORACLE):
-            res["switch_off.oracle_satisfaction_gain_over_watch"] = _mean_std(
+            res["switch_off.oracle_satisfaction_gain_over_watch"] = mean_std(
                 [x / y - 1 for x, y in zip(sper["oracle_greedy_satisfaction"],
                                            sper["oracle_greedy_watch"])])[0]
     return res

@@ -63,6 +63,9 @@ __all__ = [
     "git_sha",
     "fix_threads",
     "time_it",
+    "interleaved_times",
+    "mean_std",
+    "beats",
     "peak_rss_subprocess",
 ]
 
@@ -386,6 +389,42 @@ def fix_threads(n: int) -> int:
         raise ConfigError(f"threads must be a positive integer, got {n!r}")
     torch.set_num_threads(int(n))
     return torch.get_num_threads()
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of the finite values (None / NaN / inf
+    dropped); ``(nan, nan)`` when none is left.
+
+    Example:
+        >>> mean_std([1.0, 3.0, None])
+        (2.0, 1.4142135623730951)
+    """
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def beats(a, b) -> bool:
+    """DESIGN §7: the mean paired difference a − b over seeds exceeds 2 std (one seed: any positive difference)."""
+    m, s = mean_std([x - y for x, y in zip(a, b)])
+    return bool(m > 2 * s)
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, np.ndarray]:
+    """Wall times [repeats] of each ``fn()``, the functions called turn by turn (order reversed every other
+    turn), so a noisy machine slows them alike; ``warmup`` untimed calls of each first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times = {n: np.empty(repeats) for n in names}
+    for r in range(repeats):  # timing loop: each call timed on its own
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n][r] = time.perf_counter() - t0
+    return times
 
 
 def time_it(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> dict[str, float]:

@@ -42,7 +42,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.bench.harness import BenchResult, Target, fix_threads, mean_std, register_benchmark
 from funnelrec.data.dataset import RequestDataset
 from funnelrec.data.splits import split_by_day, split_by_time
 from funnelrec.data.timeline import Timelines
@@ -276,13 +276,6 @@ def _take(it, n: int):
 
 
 # ------------------------------------------------------------------------------------------------ report
-def mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
 def _cell(m: float, s: float | None = None, digits: int = 4) -> str:
     if m is None or not np.isfinite(m):
         return "n/a"

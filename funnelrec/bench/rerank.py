@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark, time_it
+from funnelrec.bench.harness import BenchResult, Target, beats, fix_threads, mean_std, register_benchmark, time_it
 from funnelrec.errors import ConfigError
 from funnelrec.rerank.data import (VALUE_WEIGHTS, RerankData, RerankDataConfig, RerankRequests,
                                    split_request_users)
@@ -351,21 +351,6 @@ def time_forward(models: dict, data: RerankData, req: RerankRequests, plan: Rera
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    m = sum(vals) / len(vals)
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return m, s
-
-
-def _beats(a: list[float], b: list[float]) -> bool:
-    """DESIGN §7: the mean paired difference a − b exceeds 2 std (one seed: any positive difference)."""
-    m, s = _mean_std([x - y for x, y in zip(a, b)])
-    return bool(m > 2 * s)
-
-
 def _share(off: float | None, on: float | None) -> float:
     """off / on for a positive on-world edge; NaN otherwise (no edge to vanish: the target cannot be met)."""
     if off is None or on is None or not on > 0:
@@ -388,12 +373,12 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
         for row in rows:
             for k in ks:
                 for j, what in enumerate(("value", "hit1", "list_value_s")):
-                    m, s = _mean_std([run["rows"][row][k][j] for run in rs])
+                    m, s = mean_std([run["rows"][row][k][j] for run in rs])
                     res[f"{prefix}{row}.k{k}.{what}"], res[f"{prefix}{row}.k{k}.{what}.std"] = m, s
-            res[f"{prefix}{row}.value"] = _mean_std([_row_mean_over_k(run, row, ks) for run in rs])[0]
+            res[f"{prefix}{row}.value"] = mean_std([_row_mean_over_k(run, row, ks) for run in rs])[0]
         for k in ks:
-            res[f"{prefix}lists.k{k}.mean_value_s"] = _mean_std([run["list_value_mean"][k] for run in rs])[0]
-            res[f"{prefix}lists.k{k}.best_value_s"] = _mean_std([run["list_value_best"][k] for run in rs])[0]
+            res[f"{prefix}lists.k{k}.mean_value_s"] = mean_std([run["list_value_mean"][k] for run in rs])[0]
+            res[f"{prefix}lists.k{k}.best_value_s"] = mean_std([run["list_value_best"][k] for run in rs])[0]
         if "flash" in rows and "greedy" in rows:
             edge = res[f"{prefix}flash.value"] - res[f"{prefix}greedy.value"]
             res[f"{prefix}flash_edge_over_greedy"] = edge
@@ -403,8 +388,8 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
                 if row in rows:
                     a = [_row_mean_over_k(run, row, ks) for run in rs]
                     b = [_row_mean_over_k(run, "item_sum", ks) for run in rs]
-                    res[f"{prefix}{row}_list_edge"] = _mean_std([x - y for x, y in zip(a, b)])[0]
-                    beating += _beats(a, b)
+                    res[f"{prefix}{row}_list_edge"] = mean_std([x - y for x, y in zip(a, b)])[0]
+                    beating += beats(a, b)
             res[f"{prefix}evaluators_beating_item_sum"] = beating
 
     block(runs, "")
@@ -413,10 +398,10 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
         best = max(indep, key=lambda r: res[f"{r}.value"])
         res["best_independent"] = best
         diffs = [_row_mean_over_k(run, "flash", ks) - _row_mean_over_k(run, best, ks) for run in runs]
-        res["flash_minus_independent"], res["flash_minus_independent.std"] = _mean_std(diffs)
-        res[f"flash_minus_independent_k{k_ref}"] = _mean_std(
+        res["flash_minus_independent"], res["flash_minus_independent.std"] = mean_std(diffs)
+        res[f"flash_minus_independent_k{k_ref}"] = mean_std(
             [run["rows"]["flash"][k_ref][0] - run["rows"][best][k_ref][0] for run in runs])[0]
-        res["flash_minus_no_cross_list"] = _mean_std(
+        res["flash_minus_no_cross_list"] = mean_std(
             [_row_mean_over_k(run, "flash", ks) - _row_mean_over_k(run, "flash_no_cross_list", ks)
              for run in runs])[0]
     if switch_runs:
@@ -430,7 +415,7 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
                                              else max(shares))
     for name in TIMED:
         for k in ks:
-            res[f"{name}.time_ms.k{k}"] = _mean_std([run["timing"][name][k] for run in runs
+            res[f"{name}.time_ms.k{k}"] = mean_std([run["timing"][name][k] for run in runs
                                                      if "timing" in run])[0]
     timed = [run for run in runs if "timing" in run]
     if timed:
@@ -441,7 +426,7 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
     for name in MODELS:
         tr = [run["train_s"][name] for run in runs if name in run["train_s"]]
         if tr:
-            res[f"{name}.train_s"] = _mean_std(tr)[0]
+            res[f"{name}.train_s"] = mean_std(tr)[0]
     return res
 
 

@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.bench.harness import BenchResult, Target, fix_threads, interleaved_times, register_benchmark
 from funnelrec.data.sources import load_source
 from funnelrec.errors import ConfigError
 from funnelrec.retrieval.ann import AnnConfig, AnnIndex
@@ -282,27 +282,11 @@ def merged_value_recall(models: list[MPFormer], indexes: list[AnnIndex], data: M
 # ------------------------------------------------------------------------------------------------ serving cost
 
 
-def _interleaved(fns: dict[str, object], repeats: int, warmup: int = 3) -> dict[str, np.ndarray]:
-    """Wall times [repeats] of each ``fn()``, the functions called turn by turn (order alternating every turn), so
-    a noisy machine slows them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times = {n: np.empty(repeats) for n in names}
-    for r in range(repeats):  # timing loop: each call timed on its own
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n][r] = time.perf_counter() - t0
-    return times
-
-
 @torch.no_grad()
 def serving_cost(rows: dict[str, tuple[list[MPFormer], list[AnnIndex]]], data: MPFormerData, batch, k: int,
                  repeats: int) -> dict[str, dict[str, float]]:
     """User-side FLOPs and latency of one request (``batch`` of one row) for every row, and its K ANN searches
-    (timed apart). Rows are timed turn by turn (:func:`_interleaved`)."""
+    (timed apart). Rows are timed turn by turn (:func:`interleaved_times`)."""
     out: dict[str, dict[str, float]] = {}
     exclude = data.exclude_lists(batch)
     k = min(k, data.num_items - 1)
@@ -317,7 +301,7 @@ def serving_cost(rows: dict[str, tuple[list[MPFormer], list[AnnIndex]]], data: M
         ann_fns[row] = lambda models=models, indexes=indexes, users=users: _ann_lists(models, indexes, users,
                                                                                        exclude, k)
     for prefix, fns in (("user_latency", user_fns), ("ann", ann_fns)):
-        for row, t in _interleaved(fns, repeats).items():
+        for row, t in interleaved_times(fns, repeats).items():
             if prefix == "ann":
                 out[row]["ann_ms"] = float(np.median(t)) * 1e3
             else:

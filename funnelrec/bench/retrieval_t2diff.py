@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from funnelrec.bench.harness import BenchResult, Target, fix_threads, register_benchmark
+from funnelrec.bench.harness import BenchResult, Target, fix_threads, interleaved_times, register_benchmark
 from funnelrec.data.sources import load_source
 from funnelrec.errors import ConfigError
 from funnelrec.retrieval import RetrievalData, build_retriever, fit_retriever
@@ -329,22 +329,6 @@ def train_regressor(model: T2Diff, data: RetrievalData, plan: Plan, seed: int) -
 # --------------------------------------------------------------------------------------------------- latency
 
 
-def _interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, np.ndarray]:
-    """Wall times [repeats] of each ``fn()``, called turn by turn (order alternating), so a noisy machine slows
-    them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times = {n: np.empty(repeats) for n in names}
-    for r in range(repeats):  # timing loop: each call timed on its own
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n][r] = time.perf_counter() - t0
-    return times
-
-
 @torch.no_grad()
 def latency(users: dict[str, object], batch, dim: int, plan: Plan, progress: bool = False, many=None
             ) -> dict[str, float]:
@@ -358,13 +342,13 @@ def latency(users: dict[str, object], batch, dim: int, plan: Plan, progress: boo
             m.user_vectors(batch)
         out[f"{row}.user_flops"] = float(counter.get_total_flops())
         fns[row] = lambda m=m: m.user_vectors(batch)
-    for row, t in _interleaved(fns, plan.latency_repeats).items():
+    for row, t in interleaved_times(fns, plan.latency_repeats).items():
         out[f"{row}.user_ms"] = float(np.median(t) * 1e3)
         out[f"{row}.user_ms.p99"] = float(np.percentile(t, 99) * 1e3)
     if many is not None:
         b = many.batch_size
         fns = {row: (lambda m=m: m.user_vectors(many)) for row, m in users.items()}
-        for row, t in _interleaved(fns, max(3, plan.latency_repeats // 10), warmup=1).items():
+        for row, t in interleaved_times(fns, max(3, plan.latency_repeats // 10), warmup=1).items():
             out[f"{row}.user_ms_per_request@{b}"] = float(np.median(t) * 1e3 / b)
     faiss_before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -383,7 +367,7 @@ def latency(users: dict[str, object], batch, dim: int, plan: Plan, progress: boo
             e2e = {row: (lambda m=m: index.search(m.user_vectors(batch).numpy().astype(np.float32), 100))
                    for row, m in users.items()}
             e2e["ann"] = lambda: index.search(query["two_tower"], 100)
-            for row, t in _interleaved(e2e, plan.latency_repeats).items():
+            for row, t in interleaved_times(e2e, plan.latency_repeats).items():
                 key = f"ann_ms@{n}" if row == "ann" else f"{row}.e2e_ms@{n}"
                 out[key] = float(np.median(t) * 1e3)
             _log(progress, f"latency at {n:,} items: ANN {out[f'ann_ms@{n}']:.3f} ms, e2e two-tower "
