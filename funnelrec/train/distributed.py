@@ -125,8 +125,10 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
 
 
 def destroy_distributed() -> None:
-    """Tear the process group down (a no-op without one)."""
+    """Tear the process group down (a no-op without one), after a barrier: a rank that destroys its group while
+    another still talks to it can abort the other at exit (gloo: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
