@@ -12,8 +12,8 @@ value V (never seen in training):
 * **Hit@1** = share of requests whose chosen list has the best value (ties count).
 
 Rows: ``greedy`` (the top 6 by fused score; list 0), ``independent_pointwise`` / ``independent_listwise`` (the
-PIER-like evaluator, MSE / listwise softmax CE), ``flash`` (FlashEvaluator), ``flash_no_cross_list`` (without
-cross-list attention), ``item_sum`` (ours: the list-blind control, Σ of learned item values, same data and
+PIER-like evaluator, MSE / listwise softmax CE), ``flash`` / ``flash_pointwise`` (FlashEvaluator with the
+paper's listwise softmax CE / the MSE option), ``flash_no_cross_list`` (without cross-list attention, listwise), ``item_sum`` (ours: the list-blind control, Σ of learned item values, same data and
 loss), ``greedy_learned`` (ours: the top 6 by item_sum's learned item values — greedy with a learned
 point-wise score; its list need not be one of the K, so its value may exceed 1) and ``oracle`` (the best of
 the K; 1 by definition).
@@ -25,15 +25,22 @@ list's target being **one simulated showing** of it (the world's sampled respons
 then one request per test user is scored for every K in ``ks`` (lists generated afresh for each K). Mean ± std
 over seeds of the per-seed figures.
 
+**The claim** (``flash_minus_independent`` ≥ 0, mean over K and seeds, paired per seed): each family —
+FlashEvaluator {listwise, pointwise} and the independent evaluator {pointwise, listwise} — is represented by
+its loss with the higher **validation value** (regret-normalised value at K = 50 on fresh requests of the
+validation users, mean over seeds; ``*.valid_value``); the test users never pick anything. Both variants'
+differences are reported (``flash_listwise_minus_independent``, ``flash_pointwise_minus_independent``).
+
 **Switch test.** The same protocol in the world with its list effects off (``lists.cascade_enabled=false``,
 ``lists.saturation_enabled=false``, ``lists.similarity_enabled=false``: a list's value is then the sum of its
-items' values) for the rows greedy, item_sum, greedy_learned, independent_listwise, flash and oracle. The
+items' values) for the rows greedy, item_sum, greedy_learned, independent_listwise, flash, flash_pointwise and
+oracle. The
 evaluators' edge over greedy-by-fused-score does *not* vanish there — part of it is a better item-level value
 estimate (the evaluators denoise the ranker's noisy predictions and read the user's history), which no list
 effect causes; so the benchmark reports that edge as measured and puts the target on the **list edge**: an
 evaluator's value minus the list-blind item_sum's (mean over K and seeds), which must vanish:
-``switch_off.list_edge_share`` = the largest, over flash and independent_listwise, of (list edge with effects
-off) ÷ (list edge with effects on), target ≤ 0.25. ``evaluators_beating_item_sum`` counts the evaluators whose
+``switch_off.list_edge_share`` = the largest, over flash, flash_pointwise and independent_listwise, of (list
+edge with effects off) ÷ (list edge with effects on), target ≤ 0.25. ``evaluators_beating_item_sum`` counts the evaluators whose
 paired per-seed difference exceeds 2 std, in each world.
 
 **Timing.** Forward time per request of flash, flash_no_cross_list and independent_listwise on the same batch
@@ -84,15 +91,21 @@ MODELS = {
     "independent_pointwise": (IndependentEvaluator, {"loss": "pointwise"}),
     "independent_listwise": (IndependentEvaluator, {"loss": "listwise"}),
     "flash": (FlashEvaluator, {"loss": "listwise"}),
+    "flash_pointwise": (FlashEvaluator, {"loss": "pointwise"}),
     "flash_no_cross_list": (FlashEvaluator, {"loss": "listwise", "cross_list": False}),
     "item_sum": (ItemSumEvaluator, {"loss": "listwise"}),
 }
 ROWS = ("greedy", "greedy_learned", "item_sum", "independent_pointwise", "independent_listwise", "flash",
-        "flash_no_cross_list", "oracle")
-SWITCH_ROWS = ("greedy", "greedy_learned", "item_sum", "independent_listwise", "flash", "oracle")
+        "flash_pointwise", "flash_no_cross_list", "oracle")
+SWITCH_ROWS = ("greedy", "greedy_learned", "item_sum", "independent_listwise", "flash", "flash_pointwise",
+               "oracle")
 #: The list evaluators whose edge the switch test checks.
-LIST_EVALUATORS = ("independent_listwise", "flash")
+LIST_EVALUATORS = ("independent_listwise", "flash", "flash_pointwise")
+#: The two families of the main claim; each is represented by its variant with the best validation value.
 INDEPENDENT = ("independent_pointwise", "independent_listwise")
+FLASH = ("flash", "flash_pointwise")
+#: Figure-name stems of the FlashEvaluator variants in ``*_minus_independent``.
+_VARIANT_KEYS = {"flash": "flash_listwise", "flash_pointwise": "flash_pointwise"}
 #: World overrides that switch every list effect off.
 SWITCH_OFF = ("lists.cascade_enabled=false", "lists.saturation_enabled=false",
               "lists.similarity_enabled=false")
@@ -102,6 +115,7 @@ _LABELS = {"greedy": "greedy by fused score", "greedy_learned": "greedy by learn
            "item_sum": "item-sum, list-blind (ours)",
            "independent_pointwise": "independent (PIER-like), pointwise",
            "independent_listwise": "independent (PIER-like), listwise", "flash": "FlashEvaluator",
+           "flash_pointwise": "FlashEvaluator, pointwise (MSE)",
            "flash_no_cross_list": "FlashEvaluator w/o cross-list attention", "oracle": "oracle (best of K)"}
 
 
@@ -144,8 +158,8 @@ class RerankPlan:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     dim: int = 32
     heads: int = 2
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=64, lr=3e-3,
-                                                                   patience=1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, lr=3e-3,
+                                                                   patience=2))
     eval_chunk: int = 20_000
     timing_batch: int = 32
     timing_rounds: int = 5
@@ -201,6 +215,11 @@ def regret_normalised(values: Tensor, chosen: Tensor) -> tuple[float, float]:
     value = float((chosen - mean).double().sum()) / gap if gap > 0 else math.nan
     tol = 1e-5 * best.abs().clamp(min=1.0)
     return value, float((chosen >= best - tol).float().mean())
+
+
+def _k_ref(plan: "RerankPlan") -> int:
+    """The K of the headline figures (50 when evaluated, else the largest K)."""
+    return 50 if 50 in plan.ks else plan.ks[-1]
 
 
 def growth_exponent(ks, times) -> float:
@@ -283,6 +302,13 @@ def run_seed(data: RerankData, plan: RerankPlan, seed: int, rows=ROWS, progress:
     test_lists = {k: _lists(data, test, k, plan, base + 40 + k) for k in plan.ks}
     values = {k: data.oracle_values(test, test_lists[k]) for k in plan.ks}
     out: dict = {"rows": {}, "models": {}, "test": test, "train_s": {}, "epochs": {}}
+    k_ref = _k_ref(plan)
+    # Fresh requests of the validation users (other draws than the early-stopping ones): the validation value
+    # that picks each family's loss; the test users are never looked at for a choice.
+    vreq = data.requests(valid_u[: plan.valid_requests], seed=base + 50)
+    vlists = _lists(data, vreq, k_ref, plan, base + 51)
+    vvalues = data.oracle_values(vreq, vlists)
+    out["valid_value"] = {}
     tcfg = dataclasses.replace(plan.train, seed=seed)
     for name in rows:
         if name not in MODELS:
@@ -292,7 +318,11 @@ def run_seed(data: RerankData, plan: RerankPlan, seed: int, rows=ROWS, progress:
         model = cls(cfg, data.features.table)
         res = train_evaluator(model, train, valid, tcfg, scale=scale, log=(lambda s, n=name: log(f"{n} {s}")))
         out["models"][name], out["train_s"][name], out["epochs"][name] = model, res.wall_s, res.best_epoch
-        log(f"{name}: trained in {res.wall_s:.0f} s (best epoch {res.best_epoch})")
+        s = _scores(model, vreq, vlists, plan.eval_chunk)
+        out["valid_value"][name] = regret_normalised(vvalues, vvalues.gather(1, s.argmax(1, keepdim=True))
+                                                     .squeeze(1))[0]
+        log(f"{name}: trained in {res.wall_s:.0f} s (best epoch {res.best_epoch}), validation value "
+            f"K={k_ref} {out['valid_value'][name]:.3f}")
     learned = None
     if "greedy_learned" in rows:
         lst = _learned_greedy(out["models"]["item_sum"], test, plan.generator.list_len, plan.eval_chunk)
@@ -366,7 +396,7 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
     """Every flat figure from the per-seed runs (see the module docstring)."""
     res: dict = {}
     ks = plan.ks
-    k_ref = 50 if 50 in ks else ks[-1]
+    k_ref = _k_ref(plan)
 
     def block(rs: list[dict], prefix: str) -> None:
         rows = [r for r in ROWS if all(r in run["rows"] for run in rs)]
@@ -393,17 +423,32 @@ def derived_figures(runs: list[dict], switch_runs: list[dict], plan: RerankPlan)
             res[f"{prefix}evaluators_beating_item_sum"] = beating
 
     block(runs, "")
-    indep = [r for r in INDEPENDENT if f"{r}.value" in res]
-    if "flash.value" in res and indep:
-        best = max(indep, key=lambda r: res[f"{r}.value"])
-        res["best_independent"] = best
-        diffs = [_row_mean_over_k(run, "flash", ks) - _row_mean_over_k(run, best, ks) for run in runs]
-        res["flash_minus_independent"], res["flash_minus_independent.std"] = mean_std(diffs)
-        res[f"flash_minus_independent_k{k_ref}"] = mean_std(
-            [run["rows"]["flash"][k_ref][0] - run["rows"][best][k_ref][0] for run in runs])[0]
-        res["flash_minus_no_cross_list"] = mean_std(
-            [_row_mean_over_k(run, "flash", ks) - _row_mean_over_k(run, "flash_no_cross_list", ks)
-             for run in runs])[0]
+    for name in MODELS:
+        vals = [run["valid_value"][name] for run in runs if name in run.get("valid_value", {})]
+        if vals:
+            res[f"{name}.valid_value"] = mean_std(vals)[0]
+
+    def selected(family) -> str | None:
+        present = [r for r in family if f"{r}.value" in res and f"{r}.valid_value" in res]
+        return max(present, key=lambda r: res[f"{r}.valid_value"]) if present else None
+
+    flash, best = selected(FLASH), selected(INDEPENDENT)
+    if flash and best:
+        res["selected_flash"], res["best_independent"] = flash, best
+
+        for variant in FLASH:
+            if f"{variant}.value" not in res:
+                continue
+            names = [_VARIANT_KEYS[variant]] + (["flash"] if variant == flash else [])
+            diffs = [_row_mean_over_k(run, variant, ks) - _row_mean_over_k(run, best, ks) for run in runs]
+            at_k = mean_std([run["rows"][variant][k_ref][0] - run["rows"][best][k_ref][0] for run in runs])[0]
+            for name in names:
+                res[f"{name}_minus_independent"], res[f"{name}_minus_independent.std"] = mean_std(diffs)
+                res[f"{name}_minus_independent_k{k_ref}"] = at_k
+        if "flash_no_cross_list.value" in res:
+            res["flash_minus_no_cross_list"] = mean_std(
+                [_row_mean_over_k(run, "flash", ks) - _row_mean_over_k(run, "flash_no_cross_list", ks)
+                 for run in runs])[0]
     if switch_runs:
         block(switch_runs, "switch_off.")
         if "flash_edge_over_greedy" in res and "switch_off.flash_edge_over_greedy" in res:
@@ -458,6 +503,15 @@ def summary_markdown(res: dict, plan: RerankPlan, threads: int, wall_s: float) -
     for row in ROWS:
         if f"{row}.k{ks[0]}.value" in res:
             lines.append(f"| {_LABELS[row]} | {row_cells('', row, 'value')} | {row_cells('', row, 'hit1')} |")
+    if "selected_flash" in res:
+        k_ref = _k_ref(plan)
+        lines += ["", f"**Choice of loss, on validation users only** (value at K = {k_ref} on fresh requests of "
+                  "the validation users, mean over seeds): "
+                  + ", ".join(f"{_LABELS[r]} {_fmt(res.get(f'{r}.valid_value'))}" for r in INDEPENDENT + FLASH
+                              if f"{r}.valid_value" in res)
+                  + f". Selected: **{_LABELS[res['selected_flash']]}** against **"
+                  f"{_LABELS[res['best_independent']]}**; flash_minus_independent (test, mean over K) "
+                  f"{cell('flash_minus_independent')}."]
     if any(k.startswith("switch_off.") for k in res):
         lines += ["", f"### Switch test: list effects off (`{' '.join(SWITCH_OFF)}`)", "",
                   f"| method | {value_cols} |", "| --- |" + " ---: |" * len(ks)]
@@ -587,7 +641,7 @@ def bench_rerank(quick: bool = False, data: str | None = None, seeds: int | None
     wall = time.perf_counter() - start
     res["wall_s"] = wall
     plots = [] if quick else plot_figures(res, plan, Path(out_dir))
-    k_ref = 50 if 50 in plan.ks else plan.ks[-1]
+    k_ref = _k_ref(plan)
     targets = [Target("flash_minus_independent", ">=", 0.0), Target(f"time_ratio_k{k_ref}", "<=", 0.5),
                Target("flash.time_growth_exponent", "<", 0.5)]
     if switch_runs:

@@ -3,6 +3,7 @@ timings against a threshold); bad options."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -66,7 +67,11 @@ def test_quick_run_reports_every_row_k_and_the_switch_test(quick):
                 "switch_off.evaluators_beating_item_sum", "switch_off.list_edge_share", "time_ratio_k20",
                 "flash.time_growth_exponent", "independent_listwise.time_growth_exponent", "wall_s"):
         assert key in f, key
-    assert f["best_independent"] in br.INDEPENDENT
+    assert f["best_independent"] in br.INDEPENDENT and f["selected_flash"] in br.FLASH
+    for name in br.INDEPENDENT + br.FLASH:
+        assert f"{name}.valid_value" in f, name
+    for key in ("flash_listwise_minus_independent", "flash_pointwise_minus_independent"):
+        assert key in f and f"{key}.std" in f, key
     for name in br.TIMED:
         for k in plan.ks:
             assert f[f"{name}.time_ms.k{k}"] > 0
@@ -93,3 +98,25 @@ def test_metrics():
     assert value == pytest.approx(0.0) and hit == 0.0
     assert br.growth_exponent([5, 10, 20], [1.0, 1.0, 1.0]) == pytest.approx(0.0)
     assert br.growth_exponent([5, 10, 20], [5.0, 10.0, 20.0]) == pytest.approx(1.0)
+
+
+def _fake_run(test_values: dict, valid_values: dict, ks=(5, 50)) -> dict:
+    return {"rows": {r: {k: (v, 0.5, 1.0) for k in ks} for r, v in test_values.items()},
+            "valid_value": dict(valid_values), "list_value_mean": {k: 1.0 for k in ks},
+            "list_value_best": {k: 2.0 for k in ks}, "train_s": {}}
+
+
+def test_each_family_is_represented_by_its_best_validation_variant_never_by_test():
+    """The flash variant that wins on test but loses on validation is not the one compared."""
+    plan = dataclasses.replace(br.QUICK_PLAN, ks=(5, 50))
+    test = {"greedy": 0.3, "item_sum": 0.5, "independent_pointwise": 0.70, "independent_listwise": 0.80,
+            "flash": 0.90, "flash_pointwise": 0.60, "flash_no_cross_list": 0.5, "oracle": 1.0}
+    valid = {"independent_pointwise": 0.75, "independent_listwise": 0.60, "flash": 0.50,
+             "flash_pointwise": 0.70}
+    f = br.derived_figures([_fake_run(test, valid), _fake_run(test, valid)], [], plan)
+    assert f["selected_flash"] == "flash_pointwise" and f["best_independent"] == "independent_pointwise"
+    assert f["flash_minus_independent"] == pytest.approx(0.60 - 0.70)
+    assert f["flash_pointwise_minus_independent"] == pytest.approx(0.60 - 0.70)
+    assert f["flash_listwise_minus_independent"] == pytest.approx(0.90 - 0.70)
+    assert f["flash_minus_independent_k50"] == pytest.approx(-0.10)
+    assert f["flash.valid_value"] == pytest.approx(0.50)
