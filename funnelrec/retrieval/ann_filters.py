@@ -79,6 +79,14 @@ def flatten_exclusions(exclude: Sequence | None, num_queries: int) -> tuple[np.n
     if len(exclude) != num_queries:
         raise DataError(f"exclude must hold one id list per query: expected {num_queries}, got {len(exclude)}",
                         column="exclude")
+    if isinstance(exclude, np.ndarray) and exclude.ndim == 2:
+        if exclude.dtype.kind not in "iu":
+            raise DataError(f"exclude must hold integer ids, got a {exclude.dtype} array", column="exclude")
+        keep = exclude >= 0  # a padded [Q, S] array: flattened in one pass, no per-query conversion
+        if not keep.any():
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+        rows = np.broadcast_to(np.arange(num_queries, dtype=np.int64)[:, None], exclude.shape)[keep]
+        return rows, exclude[keep].astype(np.int64, copy=False), int(keep.sum(1).max())
     rows, parts = [], []
     for q, entry in enumerate(exclude):  # one small conversion per query; the masking itself is vectorised
         if entry is None:

@@ -286,7 +286,7 @@ class Cascade:
         """([B, C] merged items, [B, C] valid, [B, C] retrieval score: cosine, NaN for popularity)."""
         s = self.sizes
         b = user_vec.shape[0]
-        seen = [row[row > 0].tolist() for row in hist_items]
+        seen = torch.where(hist_items > 0, hist_items, -1).numpy()  # [B, S], -1 = padding (item 0 is padding)
         k = min(s.retrieve, len(self.ann))
         sc, ids = self.ann.search(user_vec.numpy().astype(np.float32), k, exclude=seen)
         ann_items = torch.from_numpy(np.asarray(ids, dtype=np.int64))

@@ -294,6 +294,8 @@ def test_bad_inputs_give_clear_errors(corpus):
         index.search(q, 5, exclude=[[1], [2]])
     with pytest.raises(DataError, match=r"exclude\[1\] must be a 1-D list of integer ids"):
         index.search(q[:2], 5, exclude=[[1], [2.5]])
+    with pytest.raises(DataError, match="exclude must hold integer ids, got a float64 array"):
+        index.search(q[:2], 5, exclude=np.array([[1.0], [2.0]]))
     with pytest.raises(DataError, match="unknown id 99"):
         index.get_vectors([99])
     with pytest.raises(DataError, match="nlist=64 needs at least 64 vectors"):
@@ -306,3 +308,17 @@ def test_module_doctests():
     for module in (ann_module, ann_filters_module):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0
+
+
+def test_padded_exclusion_array_flattens_like_the_lists():
+    from funnelrec.retrieval.ann_filters import flatten_exclusions
+
+    rng = np.random.default_rng(3)
+    padded = np.where(rng.random((7, 9)) < 0.4, -1, rng.integers(0, 50, (7, 9)))
+    padded[2] = -1
+    lists = [row[row >= 0] for row in padded]
+    rows_a, ids_a, longest_a = flatten_exclusions(padded, 7)
+    rows_b, ids_b, longest_b = flatten_exclusions(lists, 7)
+    assert longest_a == longest_b == max(len(x) for x in lists)
+    assert sorted(zip(rows_a.tolist(), ids_a.tolist())) == sorted(zip(rows_b.tolist(), ids_b.tolist()))
+    assert flatten_exclusions(np.full((3, 4), -1), 3)[2] == 0
