@@ -3,7 +3,7 @@
 The cascade's stages are trained on the world's log (``train_cascade``: days before the last two train, the
 day before the last validates; the whole log is the users' history); then, on the **day after the log**, one
 session of each of ``eval_users`` users (drawn per seed) runs in the world three times, each time served by a
-different policy through the world's own session loop (``World._run_sessions``: the same users, start times and
+different policy through the world's own session loop (``World.run_sessions``: the same users, start times and
 random streams to start with; the world's responses, satisfaction and leaving):
 
 * ``cascade`` — the trained funnel through its Python API (two-tower + popularity retrieval → pre-ranker →

@@ -9,9 +9,9 @@ leaves (``terminated``) or at the world's documented page cap (``truncated``).
 What is the paper's and what is ours. xMTF (WWW 2025) evaluates fusion in a KuaiRand session simulator where
 the reward is watch time and satisfaction decides when a session ends; that protocol is the paper's. The
 equations here are **the world's own** (``funnelrec.sim``): ``ResponseModel.page / marginals / sample`` for
-the served page, ``World._reward`` and ``World._update_satisfaction`` for satisfaction and
+the served page, ``World.reward`` and ``World.update_satisfaction`` for satisfaction and
 ``World.leave_hazard`` for leaving — this module only keeps the per-session bookkeeping (recent tags and
-creators, short-term drift, counters) the way ``World._run_sessions`` does, one page at a time. Ours: the
+creators, short-term drift, counters) the way ``World.run_sessions`` does, one page at a time. Ours: the
 candidate sampler (half popular, half from the user's interests, as ``OracleGreedyPolicy``), the prediction
 model, the observed user state and the autoreset rule.
 
@@ -367,7 +367,7 @@ class SessionEnv(VectorEnv):
         u = self.user[rows]
         self.sat[rows] = w.population.initial_satisfaction[u]
         self.short[rows] = w.draw_short_term(u, g)
-        self.tab[rows] = w._tab_ids[torch.multinomial(w._tab_p, rows.numel(), replacement=True, generator=g)]
+        self.tab[rows] = w.draw_tabs(rows.numel(), g)
         self.recent_tags[rows] = -1
         self.recent_creators[rows] = -1
         self.pages[rows] = 0
@@ -455,10 +455,10 @@ class SessionEnv(VectorEnv):
                           recent_tags=self.recent_tags, recent_creators=self.recent_creators)
         probs = w.responses.page(state)
         draw = w.responses.sample(probs, g)
-        r = w._reward(draw, probs)
+        r = w.reward(draw, probs)
         keep = live.unsqueeze(1)
-        self.sat = torch.where(live, w._update_satisfaction(self.sat, r, draw["exam"]), self.sat)
-        # the session window, as World._run_sessions keeps it
+        self.sat = torch.where(live, w.update_satisfaction(self.sat, r, draw["exam"]), self.sat)
+        # the session window, as World.run_sessions keeps it
         win = sc.repeat_window
         if win:
             tags = w.catalog.primary_tag[items]
@@ -538,7 +538,7 @@ class OracleGreedy:
                   - sc.reward_hate * o["hate"])
         value = (o["play_s"] / 60.0 + self.weight * reward).masked_fill(~obs["mask"], float("-inf"))
         cand = self.env.cand
-        picked = self._picker._diverse_pick(cand, value.clone())  # [B, M] items, distinct positions
+        picked = self._picker.diverse_pick(cand, value.clone())  # [B, M] items, distinct positions
         # back to positions: the first valid candidate holding each picked item
         hit = (cand.unsqueeze(1) == picked.unsqueeze(2)) & obs["mask"].unsqueeze(1)
         return hit.float().argmax(-1)

@@ -1,6 +1,6 @@
 """Closed-loop sessions: a cascade (or a baseline) serving the simulated world's users, page after page.
 
-The world's own session loop (``World._run_sessions``) asks a policy for each page (``select``) and reports the
+The world's own session loop (``World.run_sessions``) asks a policy for each page (``select``) and reports the
 page's sampled feedback (``observe``); the policies here append that feedback to the cascade's live histories,
 so every next request reads it — the loop a deployed system runs. Used by ``funnelrec bench cascade`` and by the
 closed-loop tuning of the cascade's fusion weights (:func:`funnelrec.serving.build.tune_fusion_closed_loop`).
@@ -164,11 +164,11 @@ def run_sessions(world, policy, users: Tensor, day: int, seed: int) -> dict[str,
     start = (KUAIRAND_START_MS + day * DAY_MS + (REQUEST_HOUR - 1) * 3_600_000
              + (torch.rand(n, generator=g) * 3_600_000).long())
     horizon = KUAIRAND_START_MS + (day + 1) * DAY_MS
-    available = (world.catalog.upload_day <= day) | (torch.arange(world.catalog.num_items) < world._base_items)
+    available = world.available_items(day)
     if hasattr(policy, "set_available"):
         policy.set_available(available)
     pages: list[dict] = []
-    world._run_sessions(users, start, torch.arange(n), day, policy, g, pages, horizon)
+    world.run_sessions(users, start, torch.arange(n), day, policy, g, pages, horizon)
     session = torch.cat([p["session"] for p in pages])
     play = torch.cat([p["play_ms"].sum(1) for p in pages]).double() / 1000
     watch = torch.zeros(n, dtype=torch.float64).index_add_(0, session, play)

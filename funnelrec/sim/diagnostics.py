@@ -154,9 +154,9 @@ class OracleGreedyPolicy:
         if self.objective == "watch":
             top = value.topk(self.page_size, dim=1).indices
             return cand.gather(1, top), torch.zeros(b, self.page_size, dtype=torch.bool)
-        return self._diverse_pick(cand, value), torch.zeros(b, self.page_size, dtype=torch.bool)
+        return self.diverse_pick(cand, value), torch.zeros(b, self.page_size, dtype=torch.bool)
 
-    def _diverse_pick(self, cand: Tensor, value: Tensor) -> Tensor:
+    def diverse_pick(self, cand: Tensor, value: Tensor) -> Tensor:
         """Greedy page filling that charges each candidate the session model's repetition cost of the items
         already on the page (same primary tag or creator): what a satisfaction-aware policy knows."""
         w = self.world

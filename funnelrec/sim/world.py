@@ -201,7 +201,7 @@ class World:
         # The log ends at midnight after the last day: sessions still running then are cut there.
         horizon = KUAIRAND_START_MS + days * DAY_MS
         for day in range(days):
-            available = (self.catalog.upload_day <= day) | (torch.arange(self.catalog.num_items) < self._base_items)
+            available = self.available_items(day)
             if hasattr(policy, "set_available"):
                 policy.set_available(available)
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + day)
@@ -213,7 +213,7 @@ class World:
                 start = torch.maximum(starts[user, j], end_prev[user] + 300_000)
                 ids = torch.arange(session_counter, session_counter + user.shape[0])
                 session_counter += user.shape[0]
-                end = self._run_sessions(user, start, ids, day, policy, g, pages, horizon)
+                end = self.run_sessions(user, start, ids, day, policy, g, pages, horizon)
                 end_prev[user] = end
                 bar.update(int(user.shape[0]))
         bar.close()
@@ -226,9 +226,19 @@ class World:
         t = KUAIRAND_START_MS + day * DAY_MS + hours * 3_600_000 + offset
         return t.sort(dim=1).values
 
-    def _run_sessions(self, user: Tensor, start: Tensor, session_ids: Tensor, day: int, policy, g: torch.Generator,
-                      pages: list[dict[str, Tensor]], horizon: int) -> Tensor:
-        """Run one session for each of ``user`` ([S]) from ``start`` ([S] ms); append pages; return end times."""
+    def available_items(self, day: int) -> Tensor:
+        """[I] bool: the items that can be served on ``day`` (the base corpus always; uploads from their day)."""
+        return (self.catalog.upload_day <= day) | (torch.arange(self.catalog.num_items) < self._base_items)
+
+    def draw_tabs(self, n: int, g: torch.Generator) -> Tensor:
+        """[n] int64 tabs (scenarios) drawn from the world's tab shares."""
+        return self._tab_ids[torch.multinomial(self._tab_p, n, replacement=True, generator=g)]
+
+    def run_sessions(self, user: Tensor, start: Tensor, session_ids: Tensor, day: int, policy, g: torch.Generator,
+                     pages: list[dict[str, Tensor]], horizon: int) -> Tensor:
+        """Run one session for each of ``user`` ([S]) from ``start`` ([S] ms) on ``day``, pages served by
+        ``policy`` (``select(users, g) -> (items [B, M], is_rand [B, M])``, optional ``observe(page)``); append
+        each page's record to ``pages``; stop at ``horizon`` (ms); return the end times [S]."""
         sc = self.cfg.sessions
         s = user.shape[0]
         w = sc.repeat_window
@@ -236,7 +246,7 @@ class World:
         sat = self.population.initial_satisfaction[user].clone()
         short = self.draw_short_term(user, g)
         long_all = self.long_term_on_day(day)
-        tab = self._tab_ids[torch.multinomial(self._tab_p, s, replacement=True, generator=g)]
+        tab = self.draw_tabs(s, g)
         recent_tags = torch.full((s, w), -1, dtype=torch.int64)
         recent_creators = torch.full((s, w), -1, dtype=torch.int64)
         alive = torch.arange(s)
@@ -251,9 +261,9 @@ class World:
             probs = self.responses.page(state)
             marg = self.responses.marginals(probs)
             draw = self.responses.sample(probs, g)
-            reward = self._reward(draw, probs)
+            reward = self.reward(draw, probs)
             before = sat[alive]
-            sat[alive] = self._update_satisfaction(before, reward, draw["exam"])
+            sat[alive] = self.update_satisfaction(before, reward, draw["exam"])
             pages.append({
                 "user": u, "items": items, "is_rand": is_rand, "tab": tab[alive], "time": time[alive],
                 "session": session_ids[alive], "page": torch.full_like(u, page), "sat": before,
@@ -282,8 +292,9 @@ class World:
         sc = self.cfg.sessions
         return torch.sigmoid(sc.leave_bias + sc.leave_slope * (0.5 - sat))
 
-    def _reward(self, draw: dict[str, Tensor], probs) -> Tensor:
-        """[B, M] per-impression reward r that moves satisfaction."""
+    def reward(self, draw: dict[str, Tensor], probs) -> Tensor:
+        """[B, M] per-impression reward r that moves satisfaction (``draw``: a sampled page response,
+        ``probs``: its page probabilities)."""
         sc = self.cfg.sessions
         ratio = (draw["play_ms"] / probs.duration_ms).clamp(max=1.0)
         r = sc.reward_watch * ratio * draw["click"] + sc.reward_like * draw["like"] + \
@@ -291,7 +302,9 @@ class World:
             sc.reward_forward * draw["forward"] - sc.reward_hate * draw["hate"] - sc.reward_repeat * probs.repeats
         return r.float()
 
-    def _update_satisfaction(self, sat: Tensor, reward: Tensor, exam: Tensor) -> Tensor:
+    def update_satisfaction(self, sat: Tensor, reward: Tensor, exam: Tensor) -> Tensor:
+        """[B] satisfaction after a page: an exponential average of the rewards [B, M] of the examined
+        impressions ``exam`` [B, M], in order, clamped to [0, 1]."""
         decay = self.cfg.sessions.satisfaction_decay
         for k in range(reward.shape[1]):
             seen = exam[:, k]
