@@ -26,9 +26,12 @@ model, the observed user state and the autoreset rule.
   drops on the env's candidates (measured on ``sim:bench-v1``: 0.074 and 0.068; the fusion benchmark reports
   the AUCs of every run).
 * ``"oracle"``: the true marginals, no noise.
-
-A trained-ranker mode (``Ranker.predict`` on the session's history) is a follow-up: the env needs a timeline
-of the simulated session to build a ``RequestBatch`` from.
+* ``"ranker"``: a trained ranker's predictions, through ``predictor=`` (an object with ``day``,
+  ``predict(users, candidates, tab) -> ([B, C, 6] probabilities, [B, C] watch seconds)``, ``observe(page)`` and
+  ``reset()``; :class:`funnelrec.fusion.ranker_predictions.CascadeRankerPredictions` wraps a trained cascade).
+  The ranker reads the user's logged history and every page served in the env so far (each page's feedback is
+  reported to ``observe``); ``reset`` forgets the env's pages. Set ``day`` to the predictor's day (the day after
+  the ranker's training log).
 
 With ``include_watch_time`` the last input is the predicted watch time squashed to (0, 1), ``s / (s + scale)``
 (DESIGN §5: a ranker predicts T probabilities plus watch time). Task order: :data:`TASKS`.
@@ -79,7 +82,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
-from funnelrec.data.schema import ACTIVE_DEGREES, long_view_rule
+from funnelrec.data.schema import ACTIVE_DEGREES, DAY_MS, KUAIRAND_START_MS, long_view_rule
 from funnelrec.errors import ConfigError, DataError
 from funnelrec.sim.diagnostics import OracleGreedyPolicy
 from funnelrec.sim.oracle import TASKS as ORACLE_TASKS
@@ -93,8 +96,10 @@ __all__ = ["SessionEnv", "SessionEnvConfig", "TASKS", "FEEDBACK", "OracleGreedy"
 TASKS = (*ORACLE_TASKS, "watch_time")
 #: Observed feedback kinds tracked in the user state (moving averages of per-page rates).
 FEEDBACK = ("click", "long_view", "like", "follow", "comment", "forward", "hate")
-PREDICTIONS = ("oracle_noisy", "oracle")
+PREDICTIONS = ("oracle_noisy", "oracle", "ranker")
 _MASK62 = (1 << 62) - 1
+#: Hour of the day the env's sessions start at (event times of the pages reported to a predictor).
+SESSION_START_HOUR = 19
 
 
 @dataclass
@@ -106,7 +111,7 @@ class SessionEnvConfig:
         overrides: world ``key=value`` overrides, e.g. ``["sessions.leave_slope=0"]``.
         num_sessions: B, the sessions run in parallel (``num_envs``).
         candidates: C, candidates per request (the page of ``sessions.page_size`` items is chosen from them).
-        predictions: ``"oracle_noisy"`` or ``"oracle"`` (see the module docstring).
+        predictions: ``"oracle_noisy"``, ``"oracle"`` or ``"ranker"`` (see the module docstring).
         noise_std: std of the logit noise of ``oracle_noisy`` (also on log watch time).
         noise_seed: seed of the prediction noise (the "ranker"); fixed across env seeds.
         include_watch_time: add predicted watch time as the last input (T = 7 instead of 6).
@@ -223,13 +228,21 @@ class SessionEnv(VectorEnv):
         config: the env settings.
         world: a built ``World`` to share (default: built from ``config.world`` and ``config.overrides``).
         user_pool: [U'] population rows new sessions draw their users from (default: every user).
+        predictor: the trained-ranker predictions of ``predictions="ranker"`` (see the module docstring).
     """
 
     def __init__(self, config: SessionEnvConfig | None = None, world: World | None = None,
-                 user_pool: Tensor | None = None):
+                 user_pool: Tensor | None = None, predictor=None):
         config = config or SessionEnvConfig()
         self.world = world if world is not None else World.from_profile(config.world, list(config.overrides))
         self.cfg = config.validate(self.world.cfg.sessions.page_size)
+        if (config.predictions == "ranker") != (predictor is not None):
+            raise ConfigError("session env: predictions='ranker' needs predictor= (e.g. CascadeRankerPredictions) "
+                              f"and the other modes take none; got predictions={config.predictions!r}")
+        if predictor is not None and int(predictor.day) != config.day:
+            raise ConfigError(f"session env: day={config.day} but the predictor serves day {predictor.day}; set "
+                              f"SessionEnvConfig.day={predictor.day}")
+        self.predictor = predictor
         w = self.world
         self.page_size = w.cfg.sessions.page_size
         self.max_pages = w.cfg.sessions.max_pages
@@ -297,6 +310,7 @@ class SessionEnv(VectorEnv):
         self.recent_tags = torch.full((b, m_win), -1, dtype=torch.int64)
         self.recent_creators = torch.full((b, m_win), -1, dtype=torch.int64)
         self.pages = torch.zeros(b, dtype=torch.int64)
+        self.clock = torch.zeros(b, dtype=torch.int64)
         self.total_watch = torch.zeros(b)
         self.feedback = torch.zeros(b, len(FEEDBACK) + 1)
         self.alive = torch.ones(b, dtype=torch.bool)
@@ -305,6 +319,8 @@ class SessionEnv(VectorEnv):
         self.pxtr = torch.zeros(b, c, t)
         self.oracle = {"pxtr": torch.zeros(b, c, len(ORACLE_TASKS)), "play_s": torch.zeros(b, c),
                        "hate": torch.zeros(b, c), "watch_ratio": torch.zeros(b, c)}
+        if self.predictor is not None:
+            self.predictor.reset()
         self._start_sessions(torch.arange(b))
         self._request(torch.ones(b, dtype=torch.bool))
         self._reset_called = True
@@ -371,6 +387,9 @@ class SessionEnv(VectorEnv):
         self.recent_tags[rows] = -1
         self.recent_creators[rows] = -1
         self.pages[rows] = 0
+        # event times of the pages reported to a predictor: from 19:00 of the day (no random draw, so the
+        # env's random numbers are the same in every prediction mode)
+        self.clock[rows] = KUAIRAND_START_MS + self.cfg.day * DAY_MS + SESSION_START_HOUR * 3_600_000
         self.total_watch[rows] = 0.0
         self.feedback[rows] = 0.0
         self.alive[rows] = True
@@ -410,7 +429,10 @@ class SessionEnv(VectorEnv):
         self.oracle["watch_ratio"][rows] = ratio
         pred = true.clamp(1e-6, 1 - 1e-6)
         pred_play = play_s.clamp(min=1e-3)
-        if cfg.predictions == "oracle_noisy" and cfg.noise_std > 0:
+        if cfg.predictions == "ranker":
+            pred, pred_play = self.predictor.predict(u, cand, self.tab[rows])
+            pred, pred_play = pred.clamp(1e-6, 1 - 1e-6), pred_play.clamp(min=1e-3)
+        elif cfg.predictions == "oracle_noisy" and cfg.noise_std > 0:
             t = true.shape[-1]
             uu = u.view(n, 1, 1).expand(n, c, t + 1)
             ii = cand.view(n, c, 1).expand(n, c, t + 1)
@@ -458,6 +480,13 @@ class SessionEnv(VectorEnv):
         r = w.reward(draw, probs)
         keep = live.unsqueeze(1)
         self.sat = torch.where(live, w.update_satisfaction(self.sat, r, draw["exam"]), self.sat)
+        if self.predictor is not None:
+            self.predictor.observe({"user": u[live], "items": items[live], "time": self.clock[live],
+                                    "duration": probs.duration_ms[live],
+                                    **{k: draw[k][live] for k in ("play_ms", "click", "like", "follow", "comment",
+                                                                  "forward", "hate")}})
+        self.clock = torch.where(live, self.clock + draw["play_ms"].sum(1).long() + 1500 * items.shape[1],
+                                 self.clock)
         # the session window, as World.run_sessions keeps it
         win = sc.repeat_window
         if win:

@@ -23,7 +23,7 @@ from torch import Tensor
 from funnelrec.data.schema import DAY_MS, KUAIRAND_START_MS, long_view_rule
 from funnelrec.serving.cascade import STAGES, Cascade
 
-__all__ = ["CascadePolicy", "PopularityPolicy", "run_sessions", "request_time_ms", "SURVIVAL_STAGES"]
+__all__ = ["CascadePolicy", "PopularityPolicy", "LiveFeedback", "run_sessions", "request_time_ms", "SURVIVAL_STAGES"]
 
 #: Stages whose kept candidates are checked against the oracle's top list (``Cascade`` stage names).
 SURVIVAL_STAGES = ("retrieval", "prerank", "fusion", "rerank")
@@ -36,7 +36,7 @@ def request_time_ms(day: int) -> int:
     return KUAIRAND_START_MS + (day + 1) * DAY_MS
 
 
-class _LiveFeedback:
+class LiveFeedback:
     """Appends the world's page records to a cascade's live histories (the closed loop)."""
 
     def __init__(self, cascade: Cascade, world):
@@ -67,7 +67,7 @@ class _LiveFeedback:
         self.cascade.history.append(frame)
 
 
-class CascadePolicy(_LiveFeedback):
+class CascadePolicy(LiveFeedback):
     """A world policy served by the cascade (``select`` / ``observe``), counting the oracle top-10 survival.
 
     Args:
@@ -134,7 +134,7 @@ class CascadePolicy(_LiveFeedback):
         return catalog, torch.zeros(b, self.page_size, dtype=torch.bool)
 
 
-class PopularityPolicy(_LiveFeedback):
+class PopularityPolicy(LiveFeedback):
     """The most popular items (the cascade's training popularity) the user has not seen in the history window
     or this session (live histories, as the cascade)."""
 
