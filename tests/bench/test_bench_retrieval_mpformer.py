@@ -3,19 +3,16 @@ every figure (keys and ranges only, never timings), and bad input fails with one
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import funnelrec.bench.retrieval_mpformer as rm
-from funnelrec.bench import fix_threads, get_benchmark
-from funnelrec.cli import app
+from funnelrec.bench import get_benchmark
 from funnelrec.errors import ConfigError
+from bench_testkit import ML100K, bench_cli, isolate_benchmark, last_json
 
-ML100K = f"movielens:{Path(__file__).resolve().parents[1] / 'fixtures' / 'ml-100k'}"
 SIM_OBJECTIVES = ("is_click", "long_view", "is_like", "is_follow")
 ML_OBJECTIVES = ("rating_ge1", "rating_ge4", "rating_eq5")
 PER_OBJECTIVE = ("recall@50", "recall@100", "recall@200", "ndcg@50")
@@ -30,33 +27,22 @@ def _restore_threads():
 
 @pytest.fixture(scope="module", autouse=True)
 def _private_cache_one_thread(tmp_path_factory):
-    """Simulated worlds go to a temporary cache; the benchmark runs on one torch thread."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FUNNELREC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    mp.setattr(rm, "fix_threads", lambda n: fix_threads(1))
-    yield
-    mp.undo()
+    with isolate_benchmark(rm, tmp_path_factory):
+        yield
 
 
 def _cli(*args: str):
-    return CliRunner().invoke(app, ["bench", "retrieval-mpformer", *args])
-
-
-def _last_json(res) -> dict:
-    assert res.exit_code == 0, res.output
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
-    assert all(v is None or isinstance(v, (bool, int, float, str)) for v in figures.values())
-    return figures
+    return bench_cli("retrieval-mpformer", *args)
 
 
 @pytest.fixture(scope="module")
 def quick_sim():
-    return _last_json(_cli("--quick", "--json"))
+    return last_json(_cli("--quick", "--json"))
 
 
 @pytest.fixture(scope="module")
 def quick_ml():
-    return _last_json(_cli("--quick", "--json", "--data", ML100K))
+    return last_json(_cli("--quick", "--json", "--data", ML100K))
 
 
 def _check_common(f: dict, objectives: tuple[str, ...], oracle: bool) -> None:

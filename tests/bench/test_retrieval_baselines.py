@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import funnelrec.bench.retrieval_baselines as rb
-from funnelrec.bench import fix_threads, list_benchmarks, run_benchmark
-from funnelrec.cli import app
+from funnelrec.bench import list_benchmarks, run_benchmark
 from funnelrec.errors import ConfigError
 from funnelrec.retrieval.compare import Plan
+from bench_testkit import ML100K, bench_cli, isolate_benchmark, last_json
 
-ML100K = f"movielens:{Path(__file__).resolve().parents[1] / 'fixtures' / 'ml-100k'}"
 TINY_SIM = "sim:small?num_users=120&days=4"
 ROWS = ("popularity", "two_tower", "sasrec")
 METRICS = ("recall@10", "recall@50", "ndcg@10", "mrr@10", "coverage@50", "true_recall@50")
@@ -34,36 +31,23 @@ def _restore_threads():
 
 @pytest.fixture(scope="module", autouse=True)
 def _private_cache_one_thread(tmp_path_factory):
-    """Simulated worlds go to a temporary cache, never the user's; the benchmark runs on one torch thread (test
-    workers share 2 cores, and oversubscribed threads slow every worker down)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FUNNELREC_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    mp.setattr(rb, "fix_threads", lambda n: fix_threads(1))
-    yield
-    mp.undo()
+    with isolate_benchmark(rb, tmp_path_factory):
+        yield
 
 
 def _cli(*args: str):
-    return CliRunner().invoke(app, ["bench", "retrieval-baselines", *args])
-
-
-def _last_json(res) -> dict:
-    assert res.exit_code == 0, res.output
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
-    assert isinstance(figures, dict)
-    assert all(v is None or isinstance(v, (bool, int, float, str)) for v in figures.values())
-    return figures
+    return bench_cli("retrieval-baselines", *args)
 
 
 @pytest.fixture(scope="module")
 def quick_sim():
     """The canonical quick run (its default small world), through the CLI."""
-    return _last_json(_cli("--quick", "--json"))
+    return last_json(_cli("--quick", "--json"))
 
 
 @pytest.fixture(scope="module")
 def quick_ml():
-    return _last_json(_cli("--quick", "--json", "--data", ML100K))
+    return last_json(_cli("--quick", "--json", "--data", ML100K))
 
 
 def test_is_registered():
