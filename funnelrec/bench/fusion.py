@@ -32,9 +32,18 @@ switch test 5 seeds of 7 rows. Measured on 1 torch thread while two other benchm
 machine). ``--quick`` runs 300 evaluation users, 1 seed and short training (:data:`QUICK_PLAN`, ~15 s) and
 writes nothing.
 
+**``funnelrec bench fusion-ranker``** runs the same protocol, rows and targets with a trained ranker's
+predictions (``SessionEnv(predictions="ranker")``). First the serving cascade is trained on the world's own log
+(:func:`train_ranker`, ``funnelrec.serving.build.train_cascade`` with its defaults: ~11 min on bench-v1, one
+thread). Then every env asks a fresh cascade over those parts, on the day after the log, with the user's logged
+history plus the pages served in that env. Real predictions carry per-user and per-item biases, which the noisy
+oracle's hashed noise does not, and personalised fusion can correct those biases. It writes
+``docs/results/fusion-ranker.*``. ``--quick`` trains a one-epoch cascade on ``sim:small`` (~1 min).
+
 Example:
     funnelrec bench fusion --json
     funnelrec bench fusion --quick --json
+    funnelrec bench fusion-ranker --json
 """
 
 from __future__ import annotations
@@ -152,14 +161,25 @@ QUICK_PLAN = FusionPlan(eval_users=300, seeds=1, switch_seeds=1, candidates=32,
 # ----------------------------------------------------------------------------------------------- one seed
 
 
-def _env(world: World, plan: FusionPlan, sessions: int, autoreset: bool, pool: torch.Tensor) -> SessionEnv:
+def _env(world: World, plan: FusionPlan, sessions: int, autoreset: bool, pool: torch.Tensor,
+         ranker=None) -> SessionEnv:
+    """An env of ``sessions`` sessions; with ``ranker`` (trained ``CascadeParts``) its predictions come from a
+    fresh cascade over those parts (its own live histories) on the day after the world's log."""
+    if ranker is None:
+        cfg = SessionEnvConfig(world=plan.world, num_sessions=sessions, candidates=plan.candidates,
+                               noise_std=plan.noise_std, autoreset=autoreset)
+        return SessionEnv(cfg, world=world, user_pool=pool)
+    from funnelrec.fusion.ranker_predictions import CascadeRankerPredictions
+
+    day = world.cfg.days
     cfg = SessionEnvConfig(world=plan.world, num_sessions=sessions, candidates=plan.candidates,
-                           noise_std=plan.noise_std, autoreset=autoreset)
-    return SessionEnv(cfg, world=world, user_pool=pool)
+                           autoreset=autoreset, predictions="ranker", day=day)
+    return SessionEnv(cfg, world=world, user_pool=pool,
+                      predictor=CascadeRankerPredictions(ranker.cascade(), world, day=day))
 
 
-def _train_formula_rl(world, plan, pool, seed, kind, center) -> tuple[FormulaRL, list]:
-    env = _env(world, plan, plan.train_sessions, True, pool)
+def _train_formula_rl(world, plan, pool, seed, kind, center, ranker=None) -> tuple[FormulaRL, list]:
+    env = _env(world, plan, plan.train_sessions, True, pool, ranker)
     agent = TD3(TD3Config(state_dim=env.state_dim, action_dim=env.num_tasks, hidden=plan.hidden, seed=seed,
                           action_reg=plan.rl_action_reg[kind]))
     fusion = FormulaRL(kind, center, agent.actor, span=plan.span)
@@ -168,8 +188,9 @@ def _train_formula_rl(world, plan, pool, seed, kind, center) -> tuple[FormulaRL,
     return fusion, curve
 
 
-def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion) -> tuple[XMTF, list]:
-    env = _env(world, plan, plan.train_sessions, True, pool)
+def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion,
+                ranker=None) -> tuple[XMTF, list]:
+    env = _env(world, plan, plan.train_sessions, True, pool, ranker)
     t, s = env.num_tasks, env.state_dim
     use_inner, use_outer = variant != "xmtf_no_inner", variant != "xmtf_no_outer"
     cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2),
@@ -226,10 +247,10 @@ def validation_users(num_users: int, plan: FusionPlan) -> torch.Tensor:
 
 
 def _tune_cem(world: World, plan: FusionPlan, pool: torch.Tensor, seed: int, probe: dict,
-              kinds) -> tuple[dict, dict]:
+              kinds, ranker=None) -> tuple[dict, dict]:
     """CEM-tuned log-weights of each formula ``kind`` on sessions of ``pool``: (centres, fusions)."""
     cem_cfg = dataclasses.replace(plan.cem, seed=seed)
-    cem_env = _env(world, plan, cem_cfg.population * cem_cfg.sessions_per_candidate, False, pool)
+    cem_env = _env(world, plan, cem_cfg.population * cem_cfg.sessions_per_candidate, False, pool, ranker)
     centers, tuned = {}, {}
     for kind in kinds:
         center = reference_log_weights(kind, probe["pxtr"], probe["mask"])
@@ -238,7 +259,8 @@ def _tune_cem(world: World, plan: FusionPlan, pool: torch.Tensor, seed: int, pro
     return centers, tuned
 
 
-def select_settings(world: World, plan: FusionPlan, progress: bool = False) -> tuple[FusionPlan, dict]:
+def select_settings(world: World, plan: FusionPlan, progress: bool = False,
+                    ranker=None) -> tuple[FusionPlan, dict]:
     """Select the settings that are ours (not the paper's) on validation users, never on evaluation users.
 
     The validation users (:func:`validation_users`) are held out of training here; every candidate setting
@@ -255,7 +277,7 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False) -> t
     keep = torch.ones(world.population.num_users, dtype=torch.bool)
     keep[valid] = False
     pool = torch.arange(world.population.num_users)[keep]
-    env = _env(world, plan, plan.valid_users, False, pool)
+    env = _env(world, plan, plan.valid_users, False, pool, ranker)
     eval_seed = 20_000 + seed
     table: dict[str, float] = {}
 
@@ -266,14 +288,14 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False) -> t
         return table[name]
 
     probe = _eval_requests(env, eval_seed, valid)
-    centers, tuned = _tune_cem(world, plan, pool, seed, probe, ("linear", "logsum", "power"))
+    centers, tuned = _tune_cem(world, plan, pool, seed, probe, ("linear", "logsum", "power"), ranker)
     teacher = max(tuned, key=lambda kind: score(f"cem_{kind}", tuned[kind]))
     rl_reg = {}
     for kind in ("linear", "logsum", "power"):
         trials = {}
         for reg in plan.rl_action_reg_grid:
             trial = dataclasses.replace(plan, rl_action_reg={**plan.rl_action_reg, kind: reg})
-            fusion, _ = _train_formula_rl(world, trial, pool, seed, kind, centers[kind])
+            fusion, _ = _train_formula_rl(world, trial, pool, seed, kind, centers[kind], ranker)
             trials[reg] = score(f"rl_{kind}[action_reg={reg}]", fusion)
         rl_reg[kind] = max(trials, key=trials.get)
     xmtf_trials = []
@@ -281,7 +303,7 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False) -> t
         setting = dict(setting)
         trial = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": setting["tau"], "rl_lr": setting["rl_lr"]},
                                     xmtf_action_reg=setting["action_reg"])
-        model, _ = _train_xmtf(world, trial, pool, seed, "xmtf", tuned[teacher])
+        model, _ = _train_xmtf(world, trial, pool, seed, "xmtf", tuned[teacher], ranker)
         label = ",".join(f"{k}={v}" for k, v in setting.items())
         xmtf_trials.append((score(f"xmtf[{label}]", model), setting))
     best = max(xmtf_trials, key=lambda t: t[0])[1]
@@ -290,14 +312,16 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False) -> t
     return chosen, table
 
 
-def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: bool = False) -> dict:
+def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: bool = False,
+             ranker=None) -> dict:
     """Train and evaluate ``rows`` for one seed; returns per-row session figures, violation rates, curves.
+    With ``ranker`` (trained ``CascadeParts``) every env predicts with that cascade's ranker.
 
     Evaluation users are drawn outside the validation users of :func:`validation_users`.
     """
     reserved = validation_users(world.population.num_users, plan)
     pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
-    eval_env = _env(world, plan, plan.eval_users, False, pool)
+    eval_env = _env(world, plan, plan.eval_users, False, pool, ranker)
     eval_seed = 10_000 + seed
     out: dict = {"rows": {}, "violations": {}, "curves": {}, "models": {}}
 
@@ -322,20 +346,20 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
     if needs_cem:
         kinds = [k for k in ("linear", "logsum", "power")
                  if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear" or k == plan.teacher]
-        centers, tuned = _tune_cem(world, plan, pool, seed, probe, kinds)
+        centers, tuned = _tune_cem(world, plan, pool, seed, probe, kinds, ranker)
         for kind in kinds:
             if f"cem_{kind}" in rows or kind == "linear":
                 record(f"cem_{kind}", tuned[kind])
     for kind in ("linear", "logsum", "power"):
         name = f"rl_{kind}"
         if name in rows:
-            fusion, curve = _train_formula_rl(world, plan, pool, seed, kind, centers[kind])
+            fusion, curve = _train_formula_rl(world, plan, pool, seed, kind, centers[kind], ranker)
             out["curves"][name] = curve
             record(name, fusion)
     teacher = tuned.get(plan.teacher)
     for name in XMTF_ROWS:
         if name in rows:
-            model, curve = _train_xmtf(world, plan, pool, seed, name, teacher)
+            model, curve = _train_xmtf(world, plan, pool, seed, name, teacher, ranker)
             out["curves"][name] = curve
             out["models"][name] = model
             record(name, model)
@@ -411,7 +435,7 @@ def derived_figures(runs: list[dict], switch_runs: list[dict]) -> dict:
     return res
 
 
-def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float) -> str:
+def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float, ranker_mode: bool = False) -> str:
     """The methods table, the switch-test table and the protocol paragraph."""
     def cell(key, digits=1):
         m, s = res.get(key), res.get(f"{key}.std")
@@ -451,6 +475,12 @@ def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float) -
                   f"action_reg {res.get('selected.xmtf.action_reg')}."]
     auc_txt = ", ".join(f"{t} {res[f'pred_auc_{t}']:.3f} (oracle {res[f'oracle_auc_{t}']:.3f})"
                         for t in TASKS[:6] if f"pred_auc_{t}" in res)
+    predictions = (f"come from a cascade trained on the world's log (`funnelrec.serving.build.train_cascade`, "
+                   f"ranker `shared_bottom`; valid mean AUC {res.get('ranker.ranker_valid_auc_mean', float('nan')):.3f}"
+                   f"), asked on the day after the log with the user's logged history plus the pages served in "
+                   f"the env" if ranker_mode else
+                   f"are the world's true probabilities with persistent logit noise σ = {plan.noise_std} "
+                   f"(click-AUC drop like the trained rankers')")
     lines += ["", (
         f"**Protocol.** Each seed splits the world's users into {plan.eval_users:,} evaluation users and a "
         f"training pool; CEM ({plan.cem.iterations} iterations × {plan.cem.population} candidates × "
@@ -458,13 +488,14 @@ def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float) -
         f"{plan.train_sessions} parallel sessions) train on the pool only; every method is then evaluated on "
         f"one session of each evaluation user with the same env seed. {plan.seeds} seed(s) (switch test: "
         f"{plan.switch_seeds}), mean ± std of the per-seed means. {plan.candidates} candidates per request, "
-        f"pages of 6; predictions are the world's true probabilities with persistent logit noise "
-        f"σ = {plan.noise_std} (click-AUC drop like the trained rankers'; candidate AUCs: {auc_txt}). xMTF's "
+        f"pages of 6; predictions {predictions} (candidate AUCs: {auc_txt}). xMTF's "
         f"inner stage is warm-started from the best CEM formula's ranking ({plan.warm_steps} steps). "
         f"Violation rate: share of within-request pairs of the evaluation requests where o_k rises and the "
         f"learned h̃_k falls. Wall time {wall_s / 60:.1f} min on {threads} torch thread(s)."),
         "",
-        "A trained-ranker prediction mode is not in this run (follow-up): predictions are the noisy oracle."]
+        ("`funnelrec bench fusion-ranker` runs the same protocol with a trained ranker's predictions."
+         if not ranker_mode else "`funnelrec bench fusion` runs the same protocol with the noisy oracle's "
+         "predictions.")]
     return "\n".join(lines)
 
 
@@ -537,12 +568,44 @@ def _world_profile(data: str | None, plan: FusionPlan) -> str:
     return data.removeprefix("sim:")
 
 
+#: The quick world of ``fusion-ranker`` (a cascade is trained on it first).
+QUICK_RANKER_WORLD = "small"
+
+
+def train_ranker(world_name: str, quick: bool, progress: bool = False):
+    """The trained ``CascadeParts`` whose ranker predicts in ``fusion-ranker``: every stage of the serving
+    cascade (``funnelrec.serving.build.train_cascade``, default settings; one epoch per stage with ``quick``)
+    trained on the world's own log."""
+    from funnelrec.data.sources import load_source
+    from funnelrec.serving.build import BuildConfig, train_cascade
+
+    source = load_source(f"sim:{world_name}", progress=progress and sys.stderr.isatty())
+    cfg = (BuildConfig(ranker_epochs=1, retriever_epochs=1, preranker_epochs=1, distill_requests=300,
+                       cem_iterations=1, closed_loop_iterations=0, fusion_tuning="env") if quick else BuildConfig())
+    return train_cascade(source, cfg)
+
+
 @register_benchmark("fusion")
 def bench_fusion(quick: bool = False, data: str | None = None, seeds: int | None = None, threads: int = 1,
                  out_dir: str = "docs/results", progress: bool | None = None) -> BenchResult:
-    """Run the fusion benchmark (see the module doc)."""
+    """Run the fusion benchmark (see the module doc): predictions from the noisy oracle."""
+    return _run(quick, data, seeds, threads, out_dir, progress, ranker_mode=False)
+
+
+@register_benchmark("fusion-ranker")
+def bench_fusion_ranker(quick: bool = False, data: str | None = None, seeds: int | None = None, threads: int = 1,
+                        out_dir: str = "docs/results", progress: bool | None = None) -> BenchResult:
+    """The fusion benchmark with a trained ranker's predictions (see the module doc): a cascade is first trained
+    on the world's log (:func:`train_ranker`), then every env asks its ranker on the day after the log."""
+    return _run(quick, data, seeds, threads, out_dir, progress, ranker_mode=True)
+
+
+def _run(quick: bool, data: str | None, seeds: int | None, threads: int, out_dir: str, progress: bool | None,
+         ranker_mode: bool) -> BenchResult:
     threads = fix_threads(threads)
     plan = QUICK_PLAN if quick else FULL_PLAN
+    if quick and ranker_mode:
+        plan = dataclasses.replace(plan, world=QUICK_RANKER_WORLD, valid_users=60, eval_users=80)
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ConfigError(f"seeds must be a positive integer, got {seeds!r}")
@@ -552,20 +615,26 @@ def bench_fusion(quick: bool = False, data: str | None = None, seeds: int | None
     start = time.perf_counter()
     world = World.from_profile(plan.world)
     switch_world = World.from_profile(plan.world, list(SWITCH_OFF))
+    ranker, ranker_figures = None, {}
+    if ranker_mode:
+        if progress:
+            print(f"fusion-ranker: training the cascade on sim:{plan.world}", file=sys.stderr, flush=True)
+        ranker = train_ranker(plan.world, quick, progress)
+        ranker_figures = {f"ranker.{k}": v for k, v in ranker.figures.items() if isinstance(v, (int, float))}
     if progress:
         print(f"fusion: selecting settings on {plan.valid_users:,} validation users", file=sys.stderr, flush=True)
-    plan, selection = select_settings(world, plan, progress=progress)
+    plan, selection = select_settings(world, plan, progress=progress, ranker=ranker)
     runs, switch_runs = [], []
     for seed in range(plan.seeds):
         if progress:
             print(f"fusion: seed {seed + 1}/{plan.seeds} ({time.perf_counter() - start:.0f} s)",
                   file=sys.stderr,
                   flush=True)
-        runs.append(run_seed(world, plan, seed, METHODS, progress=progress))
+        runs.append(run_seed(world, plan, seed, METHODS, progress=progress, ranker=ranker))
     for seed in range(plan.switch_seeds):
         if progress:
             print(f"fusion: switch test seed {seed + 1}/{plan.switch_seeds}", file=sys.stderr, flush=True)
-        switch_runs.append(run_seed(switch_world, plan, seed, SWITCH_ROWS, progress=progress))
+        switch_runs.append(run_seed(switch_world, plan, seed, SWITCH_ROWS, progress=progress, ranker=ranker))
     res: dict = {"world": f"sim:{plan.world}", "seeds": plan.seeds, "switch_seeds": plan.switch_seeds,
                  "eval_users": plan.eval_users, "candidates": plan.candidates, "rl_steps": plan.rl_steps,
                  "train_sessions": plan.train_sessions, "noise_std": plan.noise_std, "threads": threads,
@@ -573,14 +642,15 @@ def bench_fusion(quick: bool = False, data: str | None = None, seeds: int | None
                  "selected.xmtf.tau": plan.xmtf["tau"], "selected.xmtf.rl_lr": plan.xmtf["rl_lr"],
                  "selected.xmtf.action_reg": plan.xmtf_action_reg,
                  **{f"selected.rl_{k}.action_reg": v for k, v in plan.rl_action_reg.items()},
-                 **{f"selection.{k}.valid_watch_s": v for k, v in selection.items()}}
+                 **{f"selection.{k}.valid_watch_s": v for k, v in selection.items()}, **ranker_figures}
     res.update(derived_figures(runs, switch_runs))
-    plots = [] if quick else plot_curves(runs, Path(out_dir))
+    name = "fusion-ranker" if ranker_mode else "fusion"
+    plots = [] if quick else plot_curves(runs, Path(out_dir), stem=name)
     wall = time.perf_counter() - start
     res["wall_s"] = wall
     targets = [Target("xmtf_gain_over_best_formula_rl", ">=", 0.05), Target("xmtf.violation_rate", "<", 0.01),
                Target("switch_off.rl_beating_oracle_greedy_watch", "<=", 0)]
     config = {"plan": dataclasses.asdict(plan), "switch_off": list(SWITCH_OFF), "methods": list(METHODS),
-              "switch_rows": list(SWITCH_ROWS), "predictions": "oracle_noisy"}
-    return BenchResult("fusion", res, config=config, targets=targets, plots=plots, quick=quick,
-                       summary=summary_markdown(res, plan, threads, wall))
+              "switch_rows": list(SWITCH_ROWS), "predictions": "ranker" if ranker_mode else "oracle_noisy"}
+    return BenchResult(name, res, config=config, targets=targets, plots=plots, quick=quick,
+                       summary=summary_markdown(res, plan, threads, wall, ranker_mode))

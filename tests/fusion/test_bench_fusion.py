@@ -64,3 +64,21 @@ def test_bad_input_is_rejected_with_one_line():
     assert len(lines) == 1 and "sim:NAME" in lines[0]
     with pytest.raises(ConfigError, match="seeds"):
         bf.bench_fusion(quick=True, seeds=0)
+
+
+def test_fusion_ranker_quick_run_trains_a_cascade_and_reports_every_row(tmp_path, monkeypatch):
+    """``bench fusion-ranker --quick``: a cascade trained on the quick world predicts in every env; the same rows
+    and targets as the noisy-oracle benchmark, plus the ranker's training figures."""
+    monkeypatch.setenv("FUNNELREC_CACHE_DIR", str(tmp_path / "cache"))
+    assert "fusion-ranker" in list_benchmarks()
+    res = CliRunner().invoke(app, ["bench", "fusion-ranker", "--quick", "--json"])
+    assert res.exit_code == 0, res.output
+    f = json.loads(res.stdout.strip().splitlines()[-1])
+    assert f["world"] == f"sim:{bf.QUICK_RANKER_WORLD}"
+    assert 0.5 < f["ranker.ranker_valid_auc_mean"] < 1.0
+    for row in bf.METHODS:
+        assert f[f"{row}.watch_s"] > 0, row
+    for key in ("xmtf_gain_over_best_formula_rl", "xmtf.violation_rate", "switch_off.rl_beating_oracle_greedy_watch"):
+        assert key in f, key
+    # the ranker is not the oracle: its candidate AUC sits below the truth's
+    assert f["pred_auc_is_click"] < f["oracle_auc_is_click"]
