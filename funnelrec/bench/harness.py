@@ -36,6 +36,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -619,7 +620,8 @@ def run_benchmark(
     """
     fn = get_benchmark(name)
     if "out_dir" in inspect.signature(fn).parameters:  # benchmarks that write plots put them beside the report
-        kwargs.setdefault("out_dir", out_dir)
+        # a run that writes no report must not overwrite the published plots either: they go to a scratch folder
+        kwargs.setdefault("out_dir", out_dir if (write and not quick) else tempfile.mkdtemp(prefix="funnelrec-plots-"))
     result = fn(quick=quick, **kwargs)
     if not isinstance(result, BenchResult):
         raise ConfigError(f"benchmark {name!r} returned {type(result).__name__}, expected BenchResult")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,25 @@ def test_run_benchmark_table_mode(clean_registry, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "latency_ms" in out and "< 10" in out and "❌" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_runs_that_write_no_report_do_not_write_plots_into_the_results_folder(clean_registry, tmp_path):
+    seen = []
+
+    @register_benchmark("plotting")
+    def plotting(quick: bool, out_dir: str = "docs/results") -> BenchResult:
+        seen.append(Path(out_dir))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "plotting.png").write_bytes(b"png")
+        return BenchResult("plotting", {"x": 1.0})
+
+    for kwargs in ({"write": False}, {"quick": True}):
+        run_benchmark("plotting", quick=kwargs.get("quick", False), json_mode=True, write=kwargs.get("write", True),
+                      out_dir=tmp_path)
+        assert not (tmp_path / "plotting.png").exists(), kwargs
+        assert seen[-1] != tmp_path
+    run_benchmark("plotting", quick=False, json_mode=True, out_dir=tmp_path)
+    assert seen[-1] == tmp_path and (tmp_path / "plotting.png").exists()
 
 
 def test_run_benchmark_rejects_bad_return(clean_registry):
