@@ -169,6 +169,7 @@ def _env(world: World, plan: FusionPlan, sessions: int, autoreset: bool, pool: t
         cfg = SessionEnvConfig(world=plan.world, num_sessions=sessions, candidates=plan.candidates,
                                noise_std=plan.noise_std, autoreset=autoreset)
         return SessionEnv(cfg, world=world, user_pool=pool)
+    # imported here: it pulls in the serving stack, which only the ranker mode needs
     from funnelrec.fusion.ranker_predictions import CascadeRankerPredictions
 
     day = world.cfg.days

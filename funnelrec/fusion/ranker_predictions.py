@@ -16,9 +16,12 @@ Paper's / ours: xMTF fuses a production ranker's predictions [SRC]; the adapter,
 the reset rule are ours.
 
 Example:
-    >>> from funnelrec.serving.build import train_cascade                                   # doctest: +SKIP
-    >>> built = train_cascade(source, spec)                                                 # doctest: +SKIP
-    >>> preds = CascadeRankerPredictions(built.cascade, world, day=world.cfg.days)          # doctest: +SKIP
+    >>> from funnelrec.data.sources import load_source
+    >>> from funnelrec.serving.build import train_cascade
+    >>> source = load_source("sim:bench-v1")                                                # doctest: +SKIP
+    >>> world = source.world                                                                # doctest: +SKIP
+    >>> parts = train_cascade(source)                       # every stage, ~11 min on one thread  # doctest: +SKIP
+    >>> preds = CascadeRankerPredictions(parts.cascade(), world, day=world.cfg.days)        # doctest: +SKIP
     >>> env = SessionEnv(SessionEnvConfig(predictions="ranker", day=world.cfg.days), world=world,
     ...                  predictor=preds)                                                   # doctest: +SKIP
 """
