@@ -16,13 +16,6 @@ from funnelrec.cli import app
 from funnelrec.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     import os

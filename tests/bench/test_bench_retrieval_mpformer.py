@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import funnelrec.bench.retrieval_mpformer as rm
 from funnelrec.bench import get_benchmark
@@ -16,13 +15,6 @@ from bench_testkit import ML100K, bench_cli, isolate_benchmark, last_json
 SIM_OBJECTIVES = ("is_click", "long_view", "is_like", "is_follow")
 ML_OBJECTIVES = ("rating_ge1", "rating_ge4", "rating_eq5")
 PER_OBJECTIVE = ("recall@50", "recall@100", "recall@200", "ndcg@50")
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

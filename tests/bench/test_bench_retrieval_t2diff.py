@@ -4,7 +4,6 @@ every figure (keys and ranges only, never timings), and bad input fails with one
 from __future__ import annotations
 
 import pytest
-import torch
 
 import funnelrec.bench.retrieval_t2diff as rt
 from funnelrec.bench import list_benchmarks
@@ -12,13 +11,6 @@ from funnelrec.errors import ConfigError
 from bench_testkit import ML100K, bench_cli, isolate_benchmark, last_json
 
 FIGURES = [f"{m}@{k}" for m in ("recall", "mrr") for k in rt.KS]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import funnelrec.bench.retrieval_baselines as rb
 from funnelrec.bench import list_benchmarks, run_benchmark
@@ -19,14 +18,6 @@ TINY_SIM = "sim:small?num_users=120&days=4"
 ROWS = ("popularity", "two_tower", "sasrec")
 METRICS = ("recall@10", "recall@50", "ndcg@10", "mrr@10", "coverage@50", "true_recall@50")
 SIZES = ("users", "users_total", "items", "train_positives", "valid_targets", "test_targets")
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The benchmark pins torch's thread count; give the worker back its setting."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

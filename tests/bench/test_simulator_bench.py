@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import funnelrec.bench.simulator as simbench
 from funnelrec.bench import list_benchmarks, run_benchmark
@@ -16,14 +15,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("impressions_per_s", "simulate_s", "oracle_auc_is_click", "pop_auc_is_click", "oracle_minus_pop_auc_click",
         "oracle_auc_long_view", "pop_auc_long_view", "rate_is_click", "rate_is_rand", "impressions", "users",
         "sessions", "mean_pages_per_session", "test_impressions", "questionnaire_answers")
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The benchmark pins torch to 2 threads; give the worker back its setting."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def _results_snapshot() -> dict[str, int]:
