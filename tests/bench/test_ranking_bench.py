@@ -224,3 +224,33 @@ def test_bad_rows_and_seeds():
         run_benchmark("ranking", quick=True, json_mode=False, write=False, rows=("nosuch",))
     res = CliRunner().invoke(app, ["bench", "ranking", "--quick", "--seeds", "0"])
     assert res.exit_code == 2 and "--seeds" in res.output
+
+
+def test_scenario_run_writes_its_own_report_with_the_tab_claims(tmp_path, monkeypatch):
+    """``bench ranking-scenarios`` trains only its rows, runs the tab switch test, and writes ``ranking-scenarios.*``
+    (never the main run's ``ranking.*``)."""
+    import json
+
+    from funnelrec.bench.ranking import SCENARIO_ROWS, scenario_sizes
+
+    full = scenario_sizes(False, None)
+    assert full.data == "sim:bench-v1" and full.train_rows is None and full.epochs == 2 and full.eval_users is None
+    monkeypatch.setenv("FUNNELREC_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    try:
+        r = run_benchmark("ranking-scenarios", quick=False, json_mode=False, write=True, out_dir=tmp_path,
+                          data=SMALL, seeds=1, rows=("rankmixer", "mtmixatt"), threads=1).results
+    finally:
+        torch.set_num_threads(threads)
+    assert "mmoe.auc_mean" not in r and "rankmixer-single_scenario.auc_mean" not in r
+    assert {"rankmixer.auc_mean", "mtmixatt.auc_mean", "switch_tab.rankmixer.auc_mean",
+            "switch_tab.mtmixatt.auc_mean"} <= set(r)
+    assert r["mtmixatt_tab_edge_shrink_switch_off"] == pytest.approx(
+        r["mtmixatt_tab_edge_over_rankmixer"] - r["mtmixatt_tab_edge_over_rankmixer_switch_off"])
+    assert "mtmixatt_minus_rankmixer_tab_auc_min" in r
+    doc = json.loads((tmp_path / "ranking-scenarios.json").read_text())
+    assert doc["config"]["rows"] == ["rankmixer", "mtmixatt"] and doc["config"]["switches"] == {
+        "tab": "responses.tab_effect=false"}
+    assert (tmp_path / "ranking-scenarios.md").is_file() and (tmp_path / "ranking_scenarios_auc_vs_flops.png").is_file()
+    assert not (tmp_path / "ranking.json").exists()
+    assert set(SCENARIO_ROWS) >= {"rankmixer", "mtmixatt"}
