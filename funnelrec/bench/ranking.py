@@ -47,10 +47,15 @@ rates, on the world with one effect switched off, and the edge of the first row 
 switch rows they need are trained on the switched worlds, and the report is rebuilt over every row. Training is
 seeded and deterministic on CPU, so a retrained row reproduces its figures.
 
+**Scenarios at scale** (``funnelrec bench ranking-scenarios``): the per-tab rows (:data:`SCENARIO_ROWS`) and the tab
+switch test again, on every train impression of ``sim:bench-v1`` (:func:`scenario_sizes`), reported in
+``docs/results/ranking-scenarios.*`` — the main run is too small to decide the per-tab claims.
+
 Example:
     funnelrec bench ranking --json
     funnelrec bench ranking --rows hyformer,longer_rankmixer --extend --json
     funnelrec bench ranking --quick --json
+    funnelrec bench ranking-scenarios --json
 """
 
 from __future__ import annotations
