@@ -240,7 +240,7 @@ def scenario_sizes(quick: bool, data: str | None) -> Sizes:
     Why: in the main run the single-scenario models see a few dozen optimiser steps on the small tabs and every
     row stays within ~6 % of the floor-to-oracle gap, so the per-tab claims were decided by noise. RankMixer and
     MTmixAtt train at ~29k and ~15k samples/s on one thread here, so the run (3 rows, 3 seeds, the learning-rate grid
-    and the switch test) takes about an hour. The history is the main run's 128 events.
+    and the switch test) took 72 minutes on one thread. The history is the main run's 128 events.
     """
     if quick:
         return sizes(True, data)
@@ -561,7 +561,7 @@ def previous_run(out_dir: str | Path, size: Sizes, seeds: int,
     """The results and config of ``out_dir/NAME.json``; ``ConfigError`` if missing, quick, or of other sizes."""
     path = Path(out_dir) / f"{name}.json"
     if not path.is_file():
-        raise ConfigError(f"--extend needs a previous full run in {path} (run `funnelrec bench ranking` first)")
+        raise ConfigError(f"--extend needs a previous full run in {path} (run `funnelrec bench {name}` first)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         prev_res, prev_cfg = dict(doc["results"]), {**doc["config"], "command": doc.get("command", "")}
@@ -590,7 +590,7 @@ def bench_ranking(quick: bool = False, data: str | None = None, seeds: int | Non
 def bench_ranking_scenarios(quick: bool = False, data: str | None = None, seeds: int | None = None,
                             threads: int = 1, rows: tuple[str, ...] | None = None,
                             out_dir: str = "docs/results") -> BenchResult:
-    """The scenario (``tab``) claims of MTmixAtt at ~10x the main benchmark's training data (:func:`scenario_sizes`):
+    """The scenario (``tab``) claims of MTmixAtt at ~11x the main benchmark's training data (:func:`scenario_sizes`):
     the rows of :data:`SCENARIO_ROWS` (or ``rows``) and the tab switch test; writes ``ranking-scenarios.*``."""
     return run_ranking("ranking-scenarios", scenario_sizes(quick, data), quick, seeds, threads,
                        tuple(rows or SCENARIO_ROWS), False, True, out_dir)

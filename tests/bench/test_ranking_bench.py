@@ -209,6 +209,8 @@ def test_extend_merges_rows_into_the_previous_run(tmp_path, monkeypatch):
     (["ranking", "--quick", "--rows", "mmoe", "--extend"], "--extend"),
     (["simulator", "--quick", "--rows", "mmoe"], "does not take --rows"),
     (["simulator", "--quick", "--extend"], "does not take --extend"),
+    (["ranking-scenarios", "--quick", "--rows", "nosuch"], "nosuch"),
+    (["ranking-scenarios", "--quick", "--rows", "mtmixatt", "--extend"], "does not take --extend"),
 ])
 def test_bad_row_options_are_one_line_and_exit_2(args, needle):
     res = CliRunner().invoke(app, ["bench", *args])
