@@ -74,6 +74,7 @@ from funnelrec.ranking.watch_time import WatchTimeDebiaser
 MIXINGS = ("learnable", "fixed")
 MOES = ("sigmoid_dense", "relu_sparse")
 NORMS = ("postnormr", "post", "pre")
+SCENE_MOES = ("stacked", "residual", "none")
 
 
 @dataclass
@@ -109,6 +110,11 @@ class MTmixAttConfig(RankerConfig):
         scene_bonus: γ, the router-logit bonus of the request's own scenario expert.
         scene_hidden: width of each scenario-MoE expert; None means D // 2.
         norm: ``"postnormr"`` (post-norm + the layer input), ``"post"`` or ``"pre"``.
+        scene_moe: how the scenario MoE meets the dense MoE's output h: ``"stacked"`` (``Y = Scene(h)``, the block
+            order read literally: h reaches the residual only through the scenario experts), ``"residual"``
+            (``Y = h + Scene(h)``) or ``"none"`` (no scenario MoE: ``Y = h``; raise ``ffn_mult`` to keep the FLOPs).
+        scenario_heads: MLoRA adapters on the non-main scenarios' heads (False: the plain ``TaskHeads`` for every
+            scenario).
         lora_rank: r of the MLoRA head adapters.
         target_activation, l1_coef, l1_adapt_rate: the ReLU MoE's L1 controller (``"relu_sparse"``; see
             ``RankMixerConfig``).
@@ -139,6 +145,8 @@ class MTmixAttConfig(RankerConfig):
     scene_bonus: float = 2.0
     scene_hidden: int | None = None
     norm: str = "postnormr"
+    scene_moe: str = "stacked"
+    scenario_heads: bool = True
     lora_rank: int = 4
     target_activation: float | None = 0.25
     l1_coef: float = 1e-5
@@ -152,7 +160,7 @@ class MTmixAttConfig(RankerConfig):
         super().__post_init__()
         name = "MTmixAttConfig"
         for key, allowed in (("grouping", GROUPINGS), ("mixing", MIXINGS), ("mixing_init", MIXING_INITS),
-                             ("moe", MOES), ("norm", NORMS)):
+                             ("moe", MOES), ("norm", NORMS), ("scene_moe", SCENE_MOES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{name}.{key} must be one of {allowed}, got {getattr(self, key)!r}")
 
@@ -170,6 +178,8 @@ class MTmixAttConfig(RankerConfig):
             v = getattr(self, key)
             if v is not None and (not is_int(v) or v < 1):
                 raise ConfigError(f"{name}.{key} must be None or an int >= 1, got {v!r}")
+        if not isinstance(self.scenario_heads, bool):
+            raise ConfigError(f"{name}.scenario_heads must be a bool, got {self.scenario_heads!r}")
         if not is_int(self.group_seed):
             raise ConfigError(f"{name}.group_seed must be an int, got {self.group_seed!r}")
         if not self.group_temperature > 0:
@@ -300,7 +310,9 @@ class MTmixAttBlock(nn.Module):
         dim: D.
         mixer: the token mixing (``LearnableTokenMixing`` or ``TokenMixing``).
         dense: the dense MoE (``SharedDenseMoE`` or ``ReLURouterMoE``).
-        scene: the ``ScenarioSparseMoE``.
+        scene: the ``ScenarioSparseMoE``, or None (no scenario MoE).
+        scene_moe: ``"stacked"`` (``Y = scene(dense(S))``) or ``"residual"`` (``Y = h + scene(h)``, h = dense(S));
+            ignored without ``scene``.
         norm: ``"postnormr"``: ``S = LN(mix(X) + X)``, ``X' = LN(drop(Y) + S) + X``; ``"post"``: the same without
             ``+ X``; ``"pre"``: ``S = X + mix(LN(X))``, ``X' = S + drop(Y(LN(S)))``.
         dropout: dropout on the MoE output.
@@ -310,12 +322,15 @@ class MTmixAttBlock(nn.Module):
     skip the scenario experts.
     """
 
-    def __init__(self, dim: int, mixer: nn.Module, dense: nn.Module, scene: ScenarioSparseMoE,
-                 norm: str = "postnormr", dropout: float = 0.0):
+    def __init__(self, dim: int, mixer: nn.Module, dense: nn.Module, scene: ScenarioSparseMoE | None,
+                 norm: str = "postnormr", dropout: float = 0.0, scene_moe: str = "stacked"):
         super().__init__()
         if norm not in NORMS:
             raise ConfigError(f"MTmixAttBlock.norm must be one of {NORMS}, got {norm!r}")
+        if scene_moe not in SCENE_MOES:
+            raise ConfigError(f"MTmixAttBlock.scene_moe must be one of {SCENE_MOES}, got {scene_moe!r}")
         self.mixer, self.dense, self.scene, self.norm = mixer, dense, scene, norm
+        self.residual_scene = scene_moe == "residual"
         self.mix_norm = nn.LayerNorm(dim)
         self.ffn_norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -323,7 +338,10 @@ class MTmixAttBlock(nn.Module):
     def ffn(self, s: Tensor, scenario: Tensor, mask: Tensor | None = None) -> Tensor:
         """The two MoE layers back to back."""
         h = self.dense(s, mask) if isinstance(self.dense, ReLURouterMoE) else self.dense(s)
-        return self.drop(self.scene(h, scenario, mask))
+        if self.scene is None:
+            return self.drop(h)
+        y = self.scene(h, scenario, mask)
+        return self.drop(h + y if self.residual_scene else y)
 
     def forward(self, x: Tensor, scenario: Tensor, mask: Tensor | None = None) -> Tensor:
         """x [..., T, D] → [..., T, D]."""
@@ -363,12 +381,13 @@ class MTmixAtt(RouterPenaltyMixin, MultiTaskRanker):
             else:
                 dense = ReLURouterMoE(t, d, c.num_experts, c.ffn_mult * d // c.num_experts, l1_coef=c.l1_coef,
                                       target_activation=c.target_activation, adapt_rate=c.l1_adapt_rate)
-            scene = ScenarioSparseMoE(t, d, c.num_scenarios, c.scene_width, c.scene_shared, c.scene_auto,
-                                      c.scene_bonus)
-            blocks.append(MTmixAttBlock(d, mixer, dense, scene, c.norm, c.dropout))
+            scene = (ScenarioSparseMoE(t, d, c.num_scenarios, c.scene_width, c.scene_shared, c.scene_auto,
+                                       c.scene_bonus) if c.scene_moe != "none" else None)
+            blocks.append(MTmixAttBlock(d, mixer, dense, scene, c.norm, c.dropout, c.scene_moe))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(d) if c.norm == "pre" else nn.Identity()
-        self.heads = MLoRATaskHeads(d, c.head, self.num_heads, c.num_scenarios, c.lora_rank, c.main_tab)
+        self.heads = (MLoRATaskHeads(d, c.head, self.num_heads, c.num_scenarios, c.lora_rank, c.main_tab)
+                      if c.scenario_heads else TaskHeads(d, c.head, self.num_heads))
 
     def scenario(self, batch: RequestBatch) -> Tensor:
         """[B] scenario id of every request: ``tab`` clamped to [0, num_scenarios − 1]."""
@@ -384,5 +403,6 @@ class MTmixAtt(RouterPenaltyMixin, MultiTaskRanker):
         x = self.tokenizer(self.features(batch).flat)  # [B, M, T, D]
         for block in self.blocks:
             x = block(x, scenario, batch.cand_mask)
-        return self.split_heads(self.heads(self.final_norm(x).mean(-2), scenario))
+        pooled = self.final_norm(x).mean(-2)
+        return self.split_heads(self.heads(pooled, scenario) if self.config.scenario_heads else self.heads(pooled))
 

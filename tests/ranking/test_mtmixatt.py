@@ -37,6 +37,9 @@ VARIANTS = {
     "pre": {"norm": "pre"},
     "no_shared": {"shared_experts": 0, "scene_shared": 0, "scene_auto": 2},
     "field_mlp": {"field_hidden": 6, "num_tokens": 4, "group_size": 5, "ffn_mult": 2},
+    "scene_residual": {"scene_moe": "residual"},
+    "no_scene_moe": {"scene_moe": "none", "ffn_mult": 3},
+    "plain_heads": {"scenario_heads": False},
 }
 MAIN = 1  # the main tab; make_batch's tabs are [1, 2, 0, 14] → scenarios [1, 2, 0, 3]
 
@@ -100,6 +103,24 @@ def test_switches_build_the_right_layers():
     assert m.abs().sum() == 0
     w = default.blocks[0].mixer.weight.detach()
     torch.testing.assert_close(w @ w.transpose(1, 2), torch.eye(6).expand(6, 6, 6), atol=1e-5, rtol=0)
+
+
+def test_scene_moe_and_scenario_head_switches():
+    """``scene_moe`` decides whether the dense MoE's output reaches the residual on its own; ``scenario_heads=False``
+    is one set of plain heads, so the tab then acts only through the tokens and the scenario MoE."""
+    x, scenario = torch.randn(3, 5, 6, 12), torch.tensor([0, 1, 3])
+    stacked, residual = make_model().blocks[0], make_model(scene_moe="residual").blocks[0]
+    h = stacked.dense(x)
+    torch.testing.assert_close(stacked.ffn(x, scenario), stacked.scene(h, scenario))
+    torch.testing.assert_close(residual.ffn(x, scenario), h + residual.scene(h, scenario))
+    none = make_model(scene_moe="none", ffn_mult=3)
+    assert all(b.scene is None for b in none.blocks) and none.blocks[0].dense.sub_hidden == 36 // 8
+    torch.testing.assert_close(none.blocks[0].ffn(x, scenario), none.blocks[0].dense(x))
+    assert not any("scene" in n for n, _ in none.named_parameters())
+    plain = make_model(scenario_heads=False)
+    assert type(plain.heads) is TaskHeads and not any("lora" in n for n, _ in plain.named_parameters())
+    pooled = torch.randn(2, 4, 12)
+    torch.testing.assert_close(plain.heads(pooled), TaskHeads.forward(make_model().heads, pooled))
 
 
 def test_input_fields_are_rankmixers():
@@ -282,6 +303,8 @@ def test_deterministic_for_a_seed():
     ({"l1_coef": -1.0}, "l1_coef"),
     ({"l1_adapt_rate": -0.1}, "l1_adapt_rate"),
     ({"embed_dim": 0}, "embed_dim"),
+    ({"scene_moe": "parallel"}, "scene_moe"),
+    ({"scenario_heads": 1}, "scenario_heads"),
 ])
 def test_bad_configs_are_named(bad, field):
     with pytest.raises(ConfigError, match=f"MTmixAttConfig.{field}"):
@@ -310,7 +333,7 @@ def test_default_flops_match_rankmixers_defaults():
                  user_dense=spec.num_user_dense, item_dense=spec.num_item_dense, num_tasks=6)
     torch.manual_seed(0)
     ref = count_params_flops(RankMixer(RankMixerConfig(**sizes)), b)
-    for switch in ({}, {"grouping": "manual"}, {"moe": "relu_sparse"}):
+    for switch in ({}, {"grouping": "manual"}, {"moe": "relu_sparse"}, {"scene_moe": "none", "ffn_mult": 3}):
         torch.manual_seed(0)
         ours = count_params_flops(MTmixAtt(MTmixAttConfig(**sizes, **switch)), b)
         assert ours["params_embedding"] == ref["params_embedding"]
