@@ -65,14 +65,14 @@ from funnelrec.nn.mix_attention import MIXING_INITS, LearnableTokenMixing
 from funnelrec.nn.mlora import ScenarioLoRA
 from funnelrec.nn.routers import ReLURouterMoE
 from funnelrec.nn.scenario_moe import ScenarioSparseMoE, SharedDenseMoE
-from funnelrec.nn.token_mixing import TokenMixing
+from funnelrec.nn.token_mixing import PerTokenFFN, TokenMixing
 from funnelrec.nn.tokenizers import check_groups
 from funnelrec.ranking.base import MultiTaskRanker, RankerConfig, TaskHeads
 from funnelrec.ranking.rankmixer import RankMixerConfig, RouterPenaltyMixin
 from funnelrec.ranking.watch_time import WatchTimeDebiaser
 
 MIXINGS = ("learnable", "fixed")
-MOES = ("sigmoid_dense", "relu_sparse")
+MOES = ("sigmoid_dense", "relu_sparse", "per_token_ffn")
 NORMS = ("postnormr", "post", "pre")
 SCENE_MOES = ("stacked", "residual", "none")
 
@@ -97,7 +97,8 @@ class MTmixAttConfig(RankerConfig):
         mixing: ``"learnable"`` (per-head T × T matrices) or ``"fixed"`` (RankMixer's parameter-free mixing, H = T).
         mix_heads: H of the learnable mixing; None means T.
         mixing_init: ``"orthogonal"``, ``"zero"`` or ``"shift"`` (learnable mixing).
-        moe: ``"sigmoid_dense"`` (the shared dense MoE) or ``"relu_sparse"`` (RankMixer's ReLU-routed MoE).
+        moe: ``"sigmoid_dense"`` (the shared dense MoE), ``"relu_sparse"`` (RankMixer's ReLU-routed MoE) or
+            ``"per_token_ffn"`` (RankMixer's plain per-token FFN of hidden width ``ffn_mult``·D; a diagnostic).
         ffn_mult: the dense MoE's total hidden width is ``ffn_mult``·D.
         num_experts: E coarse experts of the dense MoE (also the ReLU MoE's experts).
         expert_split: m, fine-grained sub-experts per coarse expert (``"sigmoid_dense"``).
@@ -309,7 +310,7 @@ class MTmixAttBlock(nn.Module):
     Args:
         dim: D.
         mixer: the token mixing (``LearnableTokenMixing`` or ``TokenMixing``).
-        dense: the dense MoE (``SharedDenseMoE`` or ``ReLURouterMoE``).
+        dense: the dense MoE (``SharedDenseMoE`` or ``ReLURouterMoE``), or a ``PerTokenFFN``.
         scene: the ``ScenarioSparseMoE``, or None (no scenario MoE).
         scene_moe: ``"stacked"`` (``Y = scene(dense(S))``) or ``"residual"`` (``Y = h + scene(h)``, h = dense(S));
             ignored without ``scene``.
@@ -378,6 +379,8 @@ class MTmixAtt(RouterPenaltyMixin, MultiTaskRanker):
             if c.moe == "sigmoid_dense":
                 dense: nn.Module = SharedDenseMoE(t, d, c.ffn_mult * d, c.num_experts, c.expert_split,
                                                   c.shared_experts)
+            elif c.moe == "per_token_ffn":
+                dense = PerTokenFFN(t, d, c.ffn_mult * d)
             else:
                 dense = ReLURouterMoE(t, d, c.num_experts, c.ffn_mult * d // c.num_experts, l1_coef=c.l1_coef,
                                       target_activation=c.target_activation, adapt_rate=c.l1_adapt_rate)

@@ -16,7 +16,7 @@ from funnelrec.errors import ConfigError
 from funnelrec.nn.mix_attention import LearnableTokenMixing
 from funnelrec.nn.routers import ReLURouterMoE
 from funnelrec.nn.scenario_moe import SharedDenseMoE
-from funnelrec.nn.token_mixing import TokenMixing
+from funnelrec.nn.token_mixing import PerTokenFFN, TokenMixing
 from funnelrec.ranking import WatchTimeDebiaser, count_params_flops
 from funnelrec.ranking.base import TaskHeads
 from funnelrec.ranking.mtmixatt import MTmixAtt, MTmixAttConfig
@@ -40,6 +40,7 @@ VARIANTS = {
     "scene_residual": {"scene_moe": "residual"},
     "no_scene_moe": {"scene_moe": "none", "ffn_mult": 3},
     "plain_heads": {"scenario_heads": False},
+    "per_token_ffn": {"moe": "per_token_ffn", "scene_moe": "none", "ffn_mult": 3},
 }
 MAIN = 1  # the main tab; make_batch's tabs are [1, 2, 0, 14] → scenarios [1, 2, 0, 3]
 
@@ -117,6 +118,9 @@ def test_scene_moe_and_scenario_head_switches():
     assert all(b.scene is None for b in none.blocks) and none.blocks[0].dense.sub_hidden == 36 // 8
     torch.testing.assert_close(none.blocks[0].ffn(x, scenario), none.blocks[0].dense(x))
     assert not any("scene" in n for n, _ in none.named_parameters())
+    ffn = make_model(moe="per_token_ffn", ffn_mult=3)
+    assert all(isinstance(b.dense, PerTokenFFN) and b.dense.first.weight.shape[-1] == 36 for b in ffn.blocks)
+    assert ffn.moe_layers() == [] and ffn.activation_ratio is None
     plain = make_model(scenario_heads=False)
     assert type(plain.heads) is TaskHeads and not any("lora" in n for n, _ in plain.named_parameters())
     pooled = torch.randn(2, 4, 12)
