@@ -32,6 +32,9 @@ What is the paper's and what is ours:
   experts are sparse; not the paper's 15M / 1B configurations); padded candidates skip the scenario experts;
   the loss is the contract's multi-task loss (not the paper's per-scenario average of CTR and CTCVR BCE); with ``moe="relu_sparse"`` the dense MoE is RankMixer's
   ``ReLURouterMoE`` (E experts of width ``ffn_mult``·D / E) and its L1 penalty is added by ``training_loss``.
+  The switches ``scene_moe`` (``"residual"`` / ``"none"``), ``scenario_heads=False`` and ``moe="per_token_ffn"``
+  are ours too: they are not the paper's ablations. They strip the model down towards RankMixer, to find where
+  its gap to RankMixer comes from (``docs/ranking.md``).
 
 Input fields and the manual groups are RankMixer's (``RankMixerConfig.input_fields`` /
 ``default_token_groups``): ``user_sparse_0`` …, ``item_sparse_0`` …, ``tab``, ``hour``, ``position``,
