@@ -340,7 +340,7 @@ class MTmixAttBlock(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def ffn(self, s: Tensor, scenario: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The two MoE layers back to back."""
+        """The dense MoE (or FFN), then the scenario MoE on its output (see ``scene_moe``)."""
         h = self.dense(s, mask) if isinstance(self.dense, ReLURouterMoE) else self.dense(s)
         if self.scene is None:
             return self.drop(h)
