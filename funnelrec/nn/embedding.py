@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from funnelrec.errors import ConfigError, DataError
@@ -59,6 +60,19 @@ class FieldEmbedding(nn.Module):
         """[V_field, D] the rows of one field (e.g. the item-id rows, shared with history lookups)."""
         start = int(self.offsets[field])
         return self.table.weight[start: start + self.vocab_sizes[field]]
+
+    def lookup(self, field: int, ids: Tensor, column: str = "ids") -> Tensor:
+        """ids [...] int64 of one field → [..., D] (e.g. history item ids through the item-id rows).
+
+        Goes through ``F.embedding``, not ``table[ids]``: the backward of integer advanced indexing is an
+        ``index_put_`` with accumulation, which on CPU with several threads sums repeated ids in a run-dependent
+        order, so two trainings from one seed would drift apart. An id outside ``[0, V_field)`` is a ``DataError``
+        naming ``column``.
+        """
+        size = self.vocab_sizes[field]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+            raise DataError(f"field {field}: index out of range [0, {size})", column=column)
+        return F.embedding(ids, self.field_table(field))
 
 
 class MLP(nn.Module):

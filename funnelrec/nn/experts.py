@@ -207,7 +207,8 @@ class ExtractionLayer(nn.Module):
             experts = self.experts(x)
             shared_in = x
             task_w = self.task_gates(x).softmax(-1)
-        chosen = experts[..., self.select, :]  # [..., T, K, H]
+        # index_select, not experts[..., select, :]: its backward sums repeated experts in a fixed order on CPU
+        chosen = experts.index_select(-2, self.select.flatten()).unflatten(-2, self.select.shape)  # [..., T, K, H]
         out = (task_w.unsqueeze(-2) @ chosen).squeeze(-2)  # [..., T, H]
         if self.shared_gate is None:
             return out

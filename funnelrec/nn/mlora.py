@@ -75,7 +75,8 @@ class ScenarioLoRA(nn.Module):
         lead = x.shape[:-2] if grouped else x.shape[:-1]
         other = scenario != self.main
         slot = (scenario - (scenario > self.main).long()).clamp(0, self.a.shape[0] - 1)  # main → any slot, masked
-        a, b = self.a[slot], self.b[slot]  # [B, G, in, r], [B, G, r, out]
+        # index_select, not self.a[slot]: its backward (index_add_) sums repeated slots in a fixed order on CPU
+        a, b = self.a.index_select(0, slot), self.b.index_select(0, slot)  # [B, G, in, r], [B, G, r, out]
         if grouped:
             u = torch.einsum("bngi,bgir->bngr", x.reshape(x.shape[0], -1, self.groups, x.shape[-1]), a)
         else:

@@ -140,10 +140,7 @@ class RankingInputs(nn.Module):
         b, m = batch.cand_items.shape
         d = self.embed_dim
         hist = batch.truncate_history(self.history_pool)
-        table = self.item_emb.field_table(0)
-        if hist.hist_items.numel() and (int(hist.hist_items.min()) < 0 or int(hist.hist_items.max()) >= len(table)):
-            raise DataError(f"item index out of range [0, {len(table)})", column="hist_items")
-        events = table[hist.hist_items]  # [B, N, D]
+        events = self.item_emb.lookup(0, hist.hist_items, column="hist_items")  # [B, N, D]
         mask = hist.history_mask()  # [B, N]
         a = min(self.positive_actions, hist.hist_actions.shape[-1])
         positive = hist.hist_actions[..., :a].sum(-1)  # [B, N]

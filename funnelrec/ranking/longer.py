@@ -311,14 +311,11 @@ def history_events(inputs: RankingInputs, batch: RequestBatch, length: int,
                    num_actions: int) -> tuple[RequestBatch, Tensor, Tensor]:
     """The last ``length`` history events: (the truncated batch, item-id embeddings [B, N, D], valid [B, N])."""
     hist = batch.truncate_history(length)
-    table = inputs.item_emb.field_table(0)
-    items = hist.hist_items
-    if items.numel() and (int(items.min()) < 0 or int(items.max()) >= len(table)):
-        raise DataError(f"item index out of range [0, {len(table)})", column="hist_items")
+    events = inputs.item_emb.lookup(0, hist.hist_items, column="hist_items")
     if hist.hist_actions.shape[-1] != num_actions:
         raise DataError(f"expected {num_actions} action channels, got {hist.hist_actions.shape[-1]}",
                         column="hist_actions")
-    return hist, table[items], hist.history_mask()
+    return hist, events, hist.history_mask()
 
 
 # ------------------------------------------------------------------------------------------------------ model

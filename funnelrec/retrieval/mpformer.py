@@ -293,7 +293,7 @@ def objective_losses(user: Tensor, items: Tensor, targets: Tensor, neg_ids: Tens
         raise DataError(f"user must be [B, K, D] and targets [B, K, T] with the same B, K, got "
                         f"{list(user.shape)} and {list(targets.shape)}", column="targets")
     k = user.shape[1]
-    neg = items[neg_ids]
+    neg = items.index_select(0, neg_ids)
     lq_neg = log_q[neg_ids] if log_q is not None else None
     losses, pairs = [], []
     for j in range(k):  # K objectives (a handful), not rows
@@ -304,7 +304,9 @@ def objective_losses(user: Tensor, items: Tensor, targets: Tensor, neg_ids: Tens
             losses.append(user.sum() * 0.0)
             continue
         ids = t[row, col]
-        losses.append(softmax_loss_logq(user[row, j], items[ids], ids, neg, neg_ids,
+        # index_select, not user[row, j] / items[ids]: a fixed-order backward (funnelrec.utils.probes)
+        query, positive = user[:, j].index_select(0, row), items.index_select(0, ids)
+        losses.append(softmax_loss_logq(query, positive, ids, neg, neg_ids,
                                         log_q[ids] if log_q is not None else None, lq_neg, temperature))
     return torch.stack(losses), torch.tensor(pairs)
 
@@ -515,7 +517,9 @@ class MPFormer(Retriever):
             a_w = self.action_bias[layer]  # [K, H, A]
             bias = (torch.einsum("bna,kha->bhkn", actions, a_w) if actions.shape[-1]
                     else torch.zeros(b, a_w.shape[1], a_w.shape[0], n, device=dev))
-            bias = bias + self.gap_bias[layer][:, :, buckets].permute(2, 1, 0, 3)  # [B, H, K, N]
+            # index_select, not [:, :, buckets]: a fixed-order backward (funnelrec.utils.probes)
+            gap = self.gap_bias[layer].index_select(2, buckets.flatten()).unflatten(2, buckets.shape)  # [K, H, B, N]
+            bias = bias + gap.permute(2, 1, 0, 3)  # [B, H, K, N]
             m = base.expand(b, self.config.heads, s, s).clone()
             m[:, :, 1 + n:, 1: 1 + n] = m[:, :, 1 + n:, 1: 1 + n] + bias
             out.append(m)

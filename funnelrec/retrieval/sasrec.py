@@ -216,7 +216,8 @@ class SASRec(Retriever):
         length = (items > 0).sum(1) if length is None else length
         valid = torch.arange(n, device=items.device).unsqueeze(0) < length.unsqueeze(1)
         table = self.item_vectors() if item_table is None else item_table
-        x = table[items] * math.sqrt(self.config.dim) + self.pos_emb.weight[:n]
+        # F.embedding, not table[items]: its backward sums repeated items in a fixed order (funnelrec.utils.probes)
+        x = F.embedding(items, table) * math.sqrt(self.config.dim) + self.pos_emb.weight[:n]
         x = self.drop(x) * valid.unsqueeze(-1)  # padding sits after every valid position: causality hides it
         for block in self.blocks:
             x = block(x)
@@ -255,7 +256,7 @@ class SASRec(Retriever):
             return F.cross_entropy(logits, t)
         neg_ids = torch.multinomial(self.log_q.exp(), c.num_sampled, replacement=True)
         lq = self.log_q if c.logq else None
-        return softmax_loss_logq(q, table[t], t, table[neg_ids], neg_ids,
+        return softmax_loss_logq(q, table.index_select(0, t), t, table.index_select(0, neg_ids), neg_ids,
                                  lq[t] if lq is not None else None, lq[neg_ids] if lq is not None else None)
 
     def score_all(self, batch: RequestBatch) -> Tensor:

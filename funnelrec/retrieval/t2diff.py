@@ -550,7 +550,9 @@ class T2Diff(TwoTowerRetriever):
         """[B, N, D] item-tower vectors of the history items (zero at padding), the tower run once per distinct
         item of the batch."""
         uniq, inverse = torch.unique(items, return_inverse=True)
-        x = self.item_vectors(self.item_sparse[uniq], self.item_dense[uniq])[inverse]
+        x = self.item_vectors(self.item_sparse[uniq], self.item_dense[uniq])
+        # index_select, not x[inverse]: a fixed-order backward (funnelrec.utils.probes)
+        x = x.index_select(0, inverse.flatten()).unflatten(0, inverse.shape)
         return x * valid.unsqueeze(-1).to(x.dtype)
 
     def generated_target(self, batch: RequestBatch, **kw) -> Tensor:

@@ -1,7 +1,10 @@
-"""Tensor probes: record what the ops run under them produce, to check memory claims without timing anything.
+"""Tensor probes: record what the ops run under them produce, to check memory and determinism claims without
+timing anything.
 
 ``ShapeProbe`` records the shape of every tensor an op returns (forward and backward alike), e.g. to show that an
-attention never materialises an [M, N] score matrix.
+attention never materialises an [M, N] score matrix. ``AccumulatingIndexPutProbe`` records every ``index_put``
+with accumulation over integer indices — the backward of ``table[ids]`` — whose sums over repeated ids run in a
+thread-dependent order on CPU, so training with more than one thread would not repeat bit for bit.
 
 Example:
     >>> import torch
@@ -9,6 +12,11 @@ Example:
     ...     _ = torch.ones(3, 5) @ torch.ones(5, 7)
     >>> (3, 7) in probe.shapes
     True
+    >>> w = torch.ones(4, 2, requires_grad=True)
+    >>> with AccumulatingIndexPutProbe() as probe:
+    ...     w[torch.tensor([1, 1])].sum().backward()
+    >>> len(probe.calls)
+    1
 """
 
 from __future__ import annotations
@@ -33,4 +41,27 @@ class ShapeProbe(TorchDispatchMode):
         return out
 
 
-__all__ = ["ShapeProbe"]
+class AccumulatingIndexPutProbe(TorchDispatchMode):
+    """Records every ``index_put`` with ``accumulate=True`` over integer (not boolean) indices: ``calls`` holds
+    one ``(op name, [indices shapes])`` per call.
+
+    That op is what the backward of integer advanced indexing (``x[ids]``) runs; on CPU with several threads it sums
+    repeated ids in a run-dependent order (``torch.use_deterministic_algorithms`` would fix the order, globally).
+    ``F.embedding`` and ``index_select`` have order-fixed backwards and are the drop-in replacements.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.__name__.startswith(("index_put", "_index_put_impl")):
+            accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+            indices = [i for i in args[1] if i is not None]
+            if accumulate and any(i.dtype not in (torch.bool, torch.uint8) for i in indices):
+                self.calls.append((str(func), [tuple(i.shape) for i in indices]))
+        return func(*args, **kwargs)
+
+
+__all__ = ["AccumulatingIndexPutProbe", "ShapeProbe"]

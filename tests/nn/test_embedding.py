@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from funnelrec.errors import ConfigError
+from funnelrec.errors import ConfigError, DataError
 from funnelrec.nn import MLP, FieldEmbedding, masked_mean
+from funnelrec.utils.probes import AccumulatingIndexPutProbe
 
 
 def test_field_embedding_shapes_and_offsets():
@@ -38,6 +39,25 @@ def test_field_embedding_gradients_reach_only_the_rows_used():
     emb.zero_grad()
     emb.field_table(1)[torch.tensor([3])].sum().backward()
     assert set(torch.nonzero(emb.table.weight.grad.abs().sum(1)).squeeze(1).tolist()) == {13}
+
+
+def test_lookup_reads_one_fields_rows_with_an_order_fixed_backward():
+    emb = FieldEmbedding([10, 5], dim=3)
+    ids = torch.tensor([[3, 3, 0], [4, 1, 3]])
+    torch.testing.assert_close(emb.lookup(1, ids), emb.field_table(1)[ids], rtol=0, atol=0)
+    with AccumulatingIndexPutProbe() as probe:
+        (emb.lookup(1, ids) * torch.randn(2, 3, 3)).sum().backward()
+    assert probe.calls == []
+    assert set(torch.nonzero(emb.table.weight.grad.abs().sum(1)).squeeze(1).tolist()) == {10, 11, 13, 14}
+    assert emb.lookup(0, torch.zeros(0, 4, dtype=torch.long)).shape == (0, 4, 3)
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_lookup_names_the_field_and_column_of_an_out_of_range_id(bad):
+    emb = FieldEmbedding([10, 5], dim=3)
+    with pytest.raises(DataError, match=r"field 1: index out of range \[0, 5\)") as err:
+        emb.lookup(1, torch.tensor([[1, bad]]), column="hist_items")
+    assert "hist_items" in str(err.value)
 
 
 @pytest.mark.parametrize("vocab", [[], [10, 0], [-1]])

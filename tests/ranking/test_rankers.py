@@ -11,6 +11,7 @@ import torch
 from funnelrec.data.batch import RequestBatch
 from funnelrec.errors import ConfigError
 from funnelrec.ranking import RANKERS, WatchTimeDebiaser, multitask_loss
+from funnelrec.utils.probes import AccumulatingIndexPutProbe
 from ranking_testkit import ITEM_VOCAB, RANKER_NAMES, B, M, N, T, make_batch, make_config, make_model
 
 
@@ -147,6 +148,19 @@ def test_construction_is_deterministic_for_a_seed(name):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
     batch = make_batch()
     torch.testing.assert_close(a.eval()(batch)["logits"], b.eval()(batch)["logits"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", RANKER_NAMES)
+def test_the_backward_sums_in_a_fixed_order(name):
+    """No ``x[ids]`` gather in the training graph: its backward (an accumulating ``index_put``) sums repeated ids in
+    a thread-dependent order, so two trainings from one seed would drift apart on a multi-core CPU."""
+    model = make_model(name)
+    batch = make_batch()
+    batch = dataclasses.replace(batch, hist_items=torch.where(batch.history_mask(), 3, 0))  # one item, repeated
+    loss = model.loss(model(batch), batch)
+    with AccumulatingIndexPutProbe() as probe:
+        loss.backward()
+    assert probe.calls == []
 
 
 @pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple", "dcnv2"])

@@ -11,6 +11,7 @@ import torch
 from funnelrec.data.batch import RequestBatch
 from funnelrec.errors import ConfigError, DataError
 from funnelrec.retrieval import RETRIEVERS, SASRec, SASRecConfig, build_retriever
+from funnelrec.utils.probes import AccumulatingIndexPutProbe
 
 SMALL = dict(two_tower=dict(hidden=(32,), out_dim=16, num_sampled=64), sasrec=dict(dim=16, layers=1, max_len=30),
              popularity={}, mpformer=dict(dim=16, layers=1, max_len=30, num_sampled=64),
@@ -39,6 +40,17 @@ def test_score_all_padding_and_history_exclusion(name, small_data):
     # without exclusion every real item can be returned, padding never
     items_all, _ = model.retrieve(b, k=small_data.num_items - 1)
     assert set(items_all[0].tolist()) == set(range(1, small_data.num_items))
+
+
+@pytest.mark.parametrize("name", [n for n in RETRIEVERS if n != "popularity"])
+def test_the_training_backward_sums_in_a_fixed_order(name, small_data):
+    """No ``x[ids]`` gather in the training graph (see ``AccumulatingIndexPutProbe``): a multi-threaded CPU
+    training must repeat bit for bit."""
+    model = _model(name, small_data).train()
+    loss = model.training_loss(small_data.batch("train", torch.arange(32)))
+    with AccumulatingIndexPutProbe() as probe:
+        loss.backward()
+    assert probe.calls == []
 
 
 def test_retrieve_errors(small_data):
