@@ -26,7 +26,8 @@ What is the paper's and what is ours:
   defaults to ceil(n_f / T) (the smallest k that can cover every field); the selected features are weighted by
   k × softmax (uniform weights leave them unscaled, as in the fixed groupings; with plain softmax weights the
   tokens start k times smaller and learned clearly slower on the test world); the softmax ``temperature`` knob;
-  the random groups are ``torch.tensor_split`` chunks of the permutation (sizes differ by at most one).
+  the random groups are ``torch.tensor_split`` chunks of the permutation (sizes differ by at most one); the
+  ``field_init="identity"`` switch (encoders start by passing each field through), a diagnostic.
 
 Example:
     >>> import torch
@@ -59,6 +60,7 @@ from funnelrec.nn.experts import GroupedLinear
 from funnelrec.nn.tokenizers import SemanticTokenizer, check_groups
 
 GROUPINGS = ("auto", "random", "manual")
+FIELD_INITS = ("default", "identity")
 
 
 def random_groups(names: Sequence[str], num_tokens: int, seed: int = 0) -> dict[str, list[str]]:
@@ -86,6 +88,9 @@ class FieldEncoders(nn.Module):
         fields: ordered mapping field name → width.
         out_dim: e.
         hidden: None for a linear encoder, else the hidden width of a ``Linear → GELU → Linear`` MLP per field.
+        init: ``"default"`` (``GroupedLinear``'s random init) or ``"identity"`` (linear encoders only: a field of
+            width w starts as x̂ = its first min(w, e) coordinates, zero-padded, with zero bias — with e equal to
+            the embedding width every sparse field starts as its own embedding, as a plain tokenizer reads it).
 
     Example:
         >>> import torch
@@ -93,8 +98,12 @@ class FieldEncoders(nn.Module):
         torch.Size([4, 3, 2])
     """
 
-    def __init__(self, fields: Mapping[str, int], out_dim: int, hidden: int | None = None):
+    def __init__(self, fields: Mapping[str, int], out_dim: int, hidden: int | None = None, init: str = "default"):
         super().__init__()
+        if init not in FIELD_INITS:
+            raise ConfigError(f"FieldEncoders.init must be one of {FIELD_INITS}, got {init!r}")
+        if init == "identity" and hidden is not None:
+            raise ConfigError(f"FieldEncoders.init='identity' needs linear encoders (hidden=None), got hidden={hidden}")
         bad = [f"{k}={w!r}" for k, w in fields.items() if not isinstance(w, int) or isinstance(w, bool) or w < 1]
         if not fields or bad:
             raise ConfigError(f"FieldEncoders.fields must map names to widths >= 1, got {bad or dict(fields)!r}")
@@ -122,6 +131,12 @@ class FieldEncoders(nn.Module):
             if self.second is not None:
                 self.second.append(GroupedLinear(len(idx), hidden, out_dim))
             order += idx
+        if init == "identity":
+            with torch.no_grad():
+                for linear in self.first:
+                    groups, width, out = linear.weight.shape
+                    linear.weight.copy_(torch.eye(width, out).expand(groups, width, out))
+                    linear.bias.zero_()
         # the encoders' outputs come width bucket by width bucket; this puts them back in field order
         self.register_buffer("field_order", torch.argsort(torch.tensor(order)), persistent=False)
         self.act = nn.GELU()
@@ -159,6 +174,7 @@ class AutoToken(nn.Module):
         seed: seed of the random permutation (``"random"`` groups, and the initial W of ``"auto"``).
         temperature: τ of the softmax over the k selected weights (``"auto"`` only).
         field_hidden: None for linear field encoders, else the hidden width of a per-field MLP.
+        field_init: ``"default"`` or ``"identity"`` (see ``FieldEncoders``).
 
     ``forward(x)``: x [..., F] → tokens [..., T, D]. ``selection`` is W [T, n_f] (None unless ``"auto"``).
 
@@ -172,7 +188,7 @@ class AutoToken(nn.Module):
     def __init__(self, fields: Mapping[str, int], num_tokens: int, dim: int, field_dim: int = 8,
                  group_size: int | None = None, grouping: str = "auto",
                  groups: Mapping[str, Sequence[str]] | None = None, seed: int = 0, temperature: float = 1.0,
-                 field_hidden: int | None = None):
+                 field_hidden: int | None = None, field_init: str = "default"):
         super().__init__()
         if grouping not in GROUPINGS:
             raise ConfigError(f"AutoToken.grouping must be one of {GROUPINGS}, got {grouping!r}")
@@ -182,7 +198,7 @@ class AutoToken(nn.Module):
                 raise ConfigError(f"AutoToken.{key} must be an int >= 1, got {value!r}")
         if not temperature > 0:
             raise ConfigError(f"AutoToken.temperature must be > 0, got {temperature!r}")
-        self.encoders = FieldEncoders(fields, field_dim, field_hidden)
+        self.encoders = FieldEncoders(fields, field_dim, field_hidden, field_init)
         n_f, t = self.encoders.num_fields, num_tokens
         names = self.encoders.names
         if t > n_f:

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from funnelrec.data.batch import RequestBatch
 from funnelrec.data.schema import NUM_TABS
 from funnelrec.errors import ConfigError
-from funnelrec.nn.autotoken import GROUPINGS, AutoToken
+from funnelrec.nn.autotoken import FIELD_INITS, GROUPINGS, AutoToken
 from funnelrec.nn.mix_attention import MIXING_INITS, LearnableTokenMixing
 from funnelrec.nn.mlora import ScenarioLoRA
 from funnelrec.nn.routers import ReLURouterMoE
@@ -93,6 +93,9 @@ class MTmixAttConfig(RankerConfig):
         group_size: k, fields per token (``"auto"``); None means ceil(n_f / T).
         field_dim: e, the width of every encoded field.
         field_hidden: None (a linear encoder per field) or the hidden width of a per-field MLP.
+        field_init: ``"default"`` or ``"identity"`` (the field encoders start by passing each field through;
+            ``funnelrec.nn.autotoken.FieldEncoders``; ours, a diagnostic: with ``field_dim`` = ``embed_dim`` the
+            model starts from RankMixer's token maps).
         group_temperature: τ of the softmax over a token's k selection weights (``"auto"``).
         group_seed: seed of the random groups and of the initial selection matrix.
         dim: D, the token width.
@@ -130,6 +133,7 @@ class MTmixAttConfig(RankerConfig):
     group_size: int | None = None
     field_dim: int = 8
     field_hidden: int | None = None
+    field_init: str = "default"
     group_temperature: float = 1.0
     group_seed: int = 0
     dim: int = 48
@@ -164,7 +168,8 @@ class MTmixAttConfig(RankerConfig):
         super().__post_init__()
         name = "MTmixAttConfig"
         for key, allowed in (("grouping", GROUPINGS), ("mixing", MIXINGS), ("mixing_init", MIXING_INITS),
-                             ("moe", MOES), ("norm", NORMS), ("scene_moe", SCENE_MOES)):
+                             ("moe", MOES), ("norm", NORMS), ("scene_moe", SCENE_MOES),
+                             ("field_init", FIELD_INITS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{name}.{key} must be one of {allowed}, got {getattr(self, key)!r}")
 
@@ -182,6 +187,9 @@ class MTmixAttConfig(RankerConfig):
             v = getattr(self, key)
             if v is not None and (not is_int(v) or v < 1):
                 raise ConfigError(f"{name}.{key} must be None or an int >= 1, got {v!r}")
+        if self.field_init == "identity" and self.field_hidden is not None:
+            raise ConfigError(f"{name}.field_init='identity' needs linear field encoders (field_hidden=None), got "
+                              f"field_hidden={self.field_hidden}")
         if not isinstance(self.scenario_heads, bool):
             raise ConfigError(f"{name}.scenario_heads must be a bool, got {self.scenario_heads!r}")
         if not is_int(self.group_seed):
@@ -374,7 +382,8 @@ class MTmixAtt(RouterPenaltyMixin, MultiTaskRanker):
         t, d = c.tokens, c.dim
         self.tokenizer = AutoToken(c.input_fields(), t, d, field_dim=c.field_dim, group_size=c.group_size,
                                    grouping=c.grouping, groups=c.groups() if c.grouping == "manual" else None,
-                                   seed=c.group_seed, temperature=c.group_temperature, field_hidden=c.field_hidden)
+                                   seed=c.group_seed, temperature=c.group_temperature, field_hidden=c.field_hidden,
+                                   field_init=c.field_init)
         blocks = []
         for _ in range(c.num_layers):
             mixer = (LearnableTokenMixing(t, d, c.heads, c.mixing_init) if c.mixing == "learnable"

@@ -115,6 +115,29 @@ def test_field_encoders_keep_the_field_order():
         assert changed.nonzero().flatten().tolist() == [j]
 
 
+def test_identity_init_passes_each_field_through():
+    x = torch.randn(2, F)
+    wide = FieldEncoders(FIELDS, out_dim=4, init="identity")  # e = the widest field: every field read unchanged
+    out = wide(x)
+    for j, field in enumerate(FIELDS):
+        part = x[:, field_slice(field)]
+        torch.testing.assert_close(out[:, j, : part.shape[1]], part, rtol=0, atol=0)
+        assert (out[:, j, part.shape[1]:] == 0).all()  # a width-1 field is zero-padded
+    narrow = FieldEncoders(FIELDS, out_dim=2, init="identity")(x)  # e < w: the first e coordinates
+    torch.testing.assert_close(narrow[:, 0], x[:, :2], rtol=0, atol=0)
+    assert not torch.equal(FieldEncoders(FIELDS, out_dim=4)(x)[:, 0], x[:, :4])  # the default init is random
+    tok = AutoToken(FIELDS, 3, dim=6, field_dim=4, field_init="identity")
+    tok(x).sum().backward()
+    assert all(lin.weight.grad is not None for lin in tok.encoders.first)  # a start, not a frozen map
+
+
+@pytest.mark.parametrize("kwargs,match", [({"init": "eye"}, "FieldEncoders.init"),
+                                          ({"init": "identity", "hidden": 5}, "init='identity' needs linear")])
+def test_field_encoder_init_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        FieldEncoders(FIELDS, out_dim=3, **kwargs)
+
+
 def test_temperature_sharpens_the_selection_weights():
     warm = AutoToken(FIELDS, 3, dim=6, seed=0, temperature=1.0)
     cold = AutoToken(FIELDS, 3, dim=6, seed=0, temperature=0.01)

@@ -309,6 +309,8 @@ def test_deterministic_for_a_seed():
     ({"embed_dim": 0}, "embed_dim"),
     ({"scene_moe": "parallel"}, "scene_moe"),
     ({"scenario_heads": 1}, "scenario_heads"),
+    ({"field_init": "eye"}, "field_init"),
+    ({"field_init": "identity", "field_hidden": 8}, "field_init"),
 ])
 def test_bad_configs_are_named(bad, field):
     with pytest.raises(ConfigError, match=f"MTmixAttConfig.{field}"):

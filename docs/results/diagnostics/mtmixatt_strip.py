@@ -4,7 +4,7 @@ data and print its valid mean AUC as one JSON line. Not a benchmark: valid split
 Usage (repository root, ~4 min per fit on one thread):
     OMP_NUM_THREADS=1 python docs/results/diagnostics/mtmixatt_strip.py --model mtmixatt \
         --args '{"scene_moe": "none", "ffn_mult": 3}' --seed 0
-    ... --identity-init   # field encoders start as the identity (needs field_dim == embed_dim)
+    ... --args '{"field_init": "identity", "field_dim": 16}'   # field encoders start as the identity
 """
 
 from __future__ import annotations
@@ -18,37 +18,17 @@ import funnelrec.bench.ranking_baselines as rb
 from funnelrec.bench.ranking import scenario_sizes
 
 
-def identity_init(build):
-    """Wrap ``build_model`` so every AutoToken field encoder starts as the identity (a width-1 field → the first
-    coordinate) with zero bias: the model then starts from RankMixer's token maps."""
-
-    def patched(name, data, args):
-        model = build(name, data, args)
-        with torch.no_grad():
-            for linear in model.tokenizer.encoders.first:
-                groups, width, out = linear.weight.shape
-                linear.weight.copy_(torch.eye(width, out).expand(groups, width, out))
-                linear.bias.zero_()
-        return model
-
-    return patched
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mtmixatt", choices=("mtmixatt", "rankmixer"))
     parser.add_argument("--args", default="{}", help="model config overrides, JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--identity-init", action="store_true")
     opts = parser.parse_args()
     torch.set_num_threads(1)
-    if opts.identity_init:
-        rb.build_model = identity_init(rb.build_model)  # fit_model looks build_model up in its module
     data = rb.load_ranking_data(scenario_sizes(False, None).data, history_len=128, max_train_rows=None,
                                 eval_users=None)
     _, facts = rb.fit_model(opts.model, data, 3e-3, 2, 256, opts.seed, json.loads(opts.args))
-    print(json.dumps({"model": opts.model, "args": json.loads(opts.args), "seed": opts.seed,
-                      "identity_init": opts.identity_init, **facts}), flush=True)
+    print(json.dumps({"model": opts.model, "args": json.loads(opts.args), "seed": opts.seed, **facts}), flush=True)
 
 
 if __name__ == "__main__":
