@@ -7,7 +7,7 @@ MLoRA adapters (MTmixAtt), and SVD target attention over long histories (SOLAR).
 from funnelrec.nn.autotoken import GROUPINGS, AutoToken, FieldEncoders, random_groups
 from funnelrec.nn.attention import ActivationUnit, TargetAttention, target_attention
 from funnelrec.nn.cross import CrossNetwork
-from funnelrec.nn.embedding import MLP, FieldEmbedding, masked_mean
+from funnelrec.nn.embedding import MLP, FieldEmbedding, masked_mean, take
 from funnelrec.nn.experts import ExtractionLayer, GroupedLinear, GroupedMLP, MMoELayer
 from funnelrec.nn.mix_attention import MIXING_INITS, LearnableTokenMixing
 from funnelrec.nn.mlora import ScenarioLoRA
@@ -21,7 +21,7 @@ from funnelrec.nn.token_mixing import PerTokenFFN, SharedFFN, TokenMixing
 from funnelrec.nn.tokenizers import AutoSplitTokenizer, SemanticTokenizer
 
 __all__ = [
-    "FieldEmbedding", "MLP", "masked_mean",
+    "FieldEmbedding", "MLP", "masked_mean", "take",
     "ActivationUnit", "TargetAttention", "target_attention",
     "CrossNetwork",
     "GroupedLinear", "GroupedMLP", "MMoELayer", "ExtractionLayer",

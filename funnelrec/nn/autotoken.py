@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from funnelrec.errors import ConfigError
+from funnelrec.nn.embedding import take
 from funnelrec.nn.experts import GroupedLinear
 from funnelrec.nn.tokenizers import SemanticTokenizer, check_groups
 
@@ -256,5 +257,5 @@ class AutoToken(nn.Module):
         if self.tokenizer is not None:
             return self.tokenizer(e.flatten(-2))
         idx, w = self.selection_weights()  # [T, k]
-        picked = e.index_select(-2, idx.flatten()).unflatten(-2, idx.shape)  # [..., T, k, e]
+        picked = take(e, -2, idx)  # [..., T, k, e]
         return self.proj((picked * (w * self.group_size).unsqueeze(-1)).flatten(-2), grouped=True)

@@ -75,6 +75,22 @@ class FieldEmbedding(nn.Module):
         return F.embedding(ids, self.field_table(field))
 
 
+def take(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``x`` indexed along ``dim`` by an integer ``index`` of any shape: [..., I..., ...] with ``index.shape`` in
+    place of dim ``dim`` (what ``x[..., index, ...]`` returns).
+
+    Runs ``index_select`` on the flattened index, whose backward (``index_add_``) sums repeated indices in a fixed
+    order; the backward of advanced indexing (an accumulating ``index_put_``) does not on a multi-threaded CPU
+    (``funnelrec.utils.probes.AccumulatingIndexPutProbe``).
+
+    Example:
+        >>> take(torch.arange(6.0).view(3, 2), 0, torch.tensor([[2, 2], [0, 1]])).shape
+        torch.Size([2, 2, 2])
+    """
+    dim = dim % x.dim()
+    return x.index_select(dim, index.flatten()).unflatten(dim, index.shape)
+
+
 class MLP(nn.Module):
     """Linear → activation (→ dropout) stacks; no activation after the last layer.
 

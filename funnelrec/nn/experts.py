@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from funnelrec.errors import ConfigError
+from funnelrec.nn.embedding import take
 
 
 class GroupedLinear(nn.Module):
@@ -207,8 +208,7 @@ class ExtractionLayer(nn.Module):
             experts = self.experts(x)
             shared_in = x
             task_w = self.task_gates(x).softmax(-1)
-        # index_select, not experts[..., select, :]: its backward sums repeated experts in a fixed order on CPU
-        chosen = experts.index_select(-2, self.select.flatten()).unflatten(-2, self.select.shape)  # [..., T, K, H]
+        chosen = take(experts, -2, self.select)  # [..., T, K, H]; not experts[..., select, :] (see take)
         out = (task_w.unsqueeze(-2) @ chosen).squeeze(-2)  # [..., T, H]
         if self.shared_gate is None:
             return out

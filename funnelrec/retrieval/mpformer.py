@@ -88,7 +88,7 @@ import funnelrec.nn.seq_attention  # noqa: F401  (teaches FlopCounterMode the CP
 from funnelrec.data.batch import RequestBatch
 from funnelrec.data.objectives import ACTION_COLUMNS
 from funnelrec.errors import ConfigError, DataError
-from funnelrec.nn.embedding import MLP, FieldEmbedding
+from funnelrec.nn.embedding import MLP, FieldEmbedding, take
 from funnelrec.retrieval.base import NEG_INF, Retriever, log_sampling_probability, softmax_loss_logq
 
 __all__ = ["MPFormerConfig", "MPFormer", "objective_losses", "q_loss", "gap_bucket", "READOUTS", "MODULATIONS",
@@ -517,8 +517,7 @@ class MPFormer(Retriever):
             a_w = self.action_bias[layer]  # [K, H, A]
             bias = (torch.einsum("bna,kha->bhkn", actions, a_w) if actions.shape[-1]
                     else torch.zeros(b, a_w.shape[1], a_w.shape[0], n, device=dev))
-            # index_select, not [:, :, buckets]: a fixed-order backward (funnelrec.utils.probes)
-            gap = self.gap_bias[layer].index_select(2, buckets.flatten()).unflatten(2, buckets.shape)  # [K, H, B, N]
+            gap = take(self.gap_bias[layer], 2, buckets)  # [K, H, B, N]; not [:, :, buckets] (see nn.take)
             bias = bias + gap.permute(2, 1, 0, 3)  # [B, H, K, N]
             m = base.expand(b, self.config.heads, s, s).clone()
             m[:, :, 1 + n:, 1: 1 + n] = m[:, :, 1 + n:, 1: 1 + n] + bias

@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from funnelrec.data.batch import RequestBatch
 from funnelrec.errors import ConfigError, DataError
 from funnelrec.nn.attention import TargetAttention
-from funnelrec.nn.embedding import MLP
+from funnelrec.nn.embedding import MLP, take
 from funnelrec.retrieval.diffusion import (PREDICTS, SAMPLERS, SCHEDULES, DiffusionConfig, GaussianDiffusion,
                                            MLPDenoiser)
 from funnelrec.retrieval.mpformer import gap_bucket
@@ -550,9 +550,7 @@ class T2Diff(TwoTowerRetriever):
         """[B, N, D] item-tower vectors of the history items (zero at padding), the tower run once per distinct
         item of the batch."""
         uniq, inverse = torch.unique(items, return_inverse=True)
-        x = self.item_vectors(self.item_sparse[uniq], self.item_dense[uniq])
-        # index_select, not x[inverse]: a fixed-order backward (funnelrec.utils.probes)
-        x = x.index_select(0, inverse.flatten()).unflatten(0, inverse.shape)
+        x = take(self.item_vectors(self.item_sparse[uniq], self.item_dense[uniq]), 0, inverse)  # not [inverse]
         return x * valid.unsqueeze(-1).to(x.dtype)
 
     def generated_target(self, batch: RequestBatch, **kw) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from funnelrec.errors import ConfigError, DataError
-from funnelrec.nn import MLP, FieldEmbedding, masked_mean
+from funnelrec.nn import MLP, FieldEmbedding, masked_mean, take
 from funnelrec.utils.probes import AccumulatingIndexPutProbe
 
 
@@ -50,6 +50,17 @@ def test_lookup_reads_one_fields_rows_with_an_order_fixed_backward():
     assert probe.calls == []
     assert set(torch.nonzero(emb.table.weight.grad.abs().sum(1)).squeeze(1).tolist()) == {10, 11, 13, 14}
     assert emb.lookup(0, torch.zeros(0, 4, dtype=torch.long)).shape == (0, 4, 3)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_take_equals_advanced_indexing_with_an_order_fixed_backward(dim):
+    x = torch.randn(4, 5, 6, requires_grad=True)
+    index = torch.tensor([[1, 1, 3], [0, 3, 3]])
+    reference = x[(slice(None),) * (dim % 3) + (index,)]
+    torch.testing.assert_close(take(x, dim, index), reference, rtol=0, atol=0)
+    with AccumulatingIndexPutProbe() as probe:
+        take(x, dim, index).sum().backward()
+    assert probe.calls == []
 
 
 @pytest.mark.parametrize("bad", [5, -1])
