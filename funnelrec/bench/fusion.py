@@ -121,6 +121,9 @@ class FusionPlan:
         xmtf_grid: the xMTF settings tried in the selection (each a dict of ``tau``, ``rl_lr``, ``action_reg``).
         rl_action_reg_grid: the ``action_reg`` values tried for each formula-RL kind.
         teacher: the CEM formula kind whose ranking warm-starts xMTF's inner stage (selected on validation).
+        selection_seeds: training seeds per RL / xMTF trial of the selection (``selection_seed``,
+            ``selection_seed + 1``, …); a trial scores the mean of their validation watch seconds. One seed
+            cannot separate settings whose trainings spread by more than their gap (``fusion-seed-spread.md``).
     """
 
     world: str = "bench-v1"
@@ -147,9 +150,19 @@ class FusionPlan:
                              for tau in (0.05, 0.5) for lr in (1e-5, 1e-3) for reg in (0.1, 0.5, 2.0))
     rl_action_reg_grid: tuple = (0.1, 0.5, 2.0)
     teacher: str = "power"
+    selection_seeds: int = 1
 
 
 FULL_PLAN = FusionPlan()
+#: ``fusion-ranker``'s plan: the selection averages two training seeds per trial, because with the trained
+#: ranker's predictions single trainings of one setting spread by up to 45 s (xMTF at ``rl_lr`` 1e-3 collapses
+#: in about one training of four). The xMTF grid drops the settings that lost in the single-seed selection of
+#: the earlier run (``rl_lr`` 1e-5, ``action_reg`` 0.1: validation users only) and adds ``rl_lr`` 1e-4, which
+#: never collapsed in twelve trainings (docs/results/fusion-seed-spread.md).
+RANKER_PLAN = dataclasses.replace(
+    FULL_PLAN, selection_seeds=2,
+    xmtf_grid=tuple({"tau": tau, "rl_lr": lr, "action_reg": reg}
+                    for tau in (0.05, 0.5) for lr in (1e-4, 1e-3) for reg in (0.5, 2.0)))
 QUICK_PLAN = FusionPlan(eval_users=300, seeds=1, switch_seeds=1, candidates=32,
                         cem=CEMConfig(iterations=3, population=8, sessions_per_candidate=24),
                         train_sessions=48, rl_steps=40, updates_per_step=1, warm_steps=15, hidden=32,
@@ -274,6 +287,9 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False,
         the plan with the selected settings, and the flat table ``{row: validation watch s}`` of every trial.
     """
     seed = plan.selection_seed
+    if isinstance(plan.selection_seeds, bool) or not isinstance(plan.selection_seeds, int) \
+            or plan.selection_seeds < 1:
+        raise ConfigError(f"selection_seeds must be a positive integer, got {plan.selection_seeds!r}")
     valid = validation_users(world.population.num_users, plan)
     keep = torch.ones(world.population.num_users, dtype=torch.bool)
     keep[valid] = False
@@ -288,6 +304,18 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False,
             print(f"  selection: {name}: {table[name]:.1f} s", file=sys.stderr, flush=True)
         return table[name]
 
+    def score_trainings(name, train) -> float:
+        """Mean validation score of ``train(seed)`` over the selection's training seeds; with several seeds
+        the table also keeps each training's score (``name#seed``)."""
+        seeds = [seed + i for i in range(plan.selection_seeds)]
+        if len(seeds) == 1:
+            return score(name, train(seed))
+        per_seed = [score(f"{name}#{s}", train(s)) for s in seeds]
+        table[name] = sum(per_seed) / len(per_seed)
+        if progress:
+            print(f"  selection: {name}: mean {table[name]:.1f} s", file=sys.stderr, flush=True)
+        return table[name]
+
     probe = _eval_requests(env, eval_seed, valid)
     centers, tuned = _tune_cem(world, plan, pool, seed, probe, ("linear", "logsum", "power"), ranker)
     teacher = max(tuned, key=lambda kind: score(f"cem_{kind}", tuned[kind]))
@@ -296,17 +324,20 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False,
         trials = {}
         for reg in plan.rl_action_reg_grid:
             trial = dataclasses.replace(plan, rl_action_reg={**plan.rl_action_reg, kind: reg})
-            fusion, _ = _train_formula_rl(world, trial, pool, seed, kind, centers[kind], ranker)
-            trials[reg] = score(f"rl_{kind}[action_reg={reg}]", fusion)
+            trials[reg] = score_trainings(
+                f"rl_{kind}[action_reg={reg}]",
+                lambda s, trial=trial, kind=kind: _train_formula_rl(world, trial, pool, s, kind, centers[kind],
+                                                                    ranker)[0])
         rl_reg[kind] = max(trials, key=trials.get)
     xmtf_trials = []
     for setting in plan.xmtf_grid:
         setting = dict(setting)
         trial = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": setting["tau"], "rl_lr": setting["rl_lr"]},
                                     xmtf_action_reg=setting["action_reg"])
-        model, _ = _train_xmtf(world, trial, pool, seed, "xmtf", tuned[teacher], ranker)
         label = ",".join(f"{k}={v}" for k, v in setting.items())
-        xmtf_trials.append((score(f"xmtf[{label}]", model), setting))
+        mean = score_trainings(f"xmtf[{label}]", lambda s, trial=trial: _train_xmtf(
+            world, trial, pool, s, "xmtf", tuned[teacher], ranker)[0])
+        xmtf_trials.append((mean, setting))
     best = max(xmtf_trials, key=lambda t: t[0])[1]
     chosen = dataclasses.replace(plan, rl_action_reg=rl_reg, xmtf_action_reg=best["action_reg"],
                                  teacher=teacher, xmtf={**plan.xmtf, "tau": best["tau"], "rl_lr": best["rl_lr"]})
@@ -604,9 +635,10 @@ def bench_fusion_ranker(quick: bool = False, data: str | None = None, seeds: int
 def _run(quick: bool, data: str | None, seeds: int | None, threads: int, out_dir: str, progress: bool | None,
          ranker_mode: bool) -> BenchResult:
     threads = fix_threads(threads)
-    plan = QUICK_PLAN if quick else FULL_PLAN
+    plan = QUICK_PLAN if quick else RANKER_PLAN if ranker_mode else FULL_PLAN
     if quick and ranker_mode:
-        plan = dataclasses.replace(plan, world=QUICK_RANKER_WORLD, valid_users=60, eval_users=80)
+        plan = dataclasses.replace(plan, world=QUICK_RANKER_WORLD, valid_users=60, eval_users=80,
+                                   selection_seeds=2)
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ConfigError(f"seeds must be a positive integer, got {seeds!r}")

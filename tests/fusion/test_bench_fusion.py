@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import funnelrec.bench.fusion as bf
 from funnelrec.bench import list_benchmarks
 from funnelrec.cli import app
 from funnelrec.errors import ConfigError
+from funnelrec.sim import World
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +84,16 @@ def test_fusion_ranker_quick_run_trains_a_cascade_and_reports_every_row(tmp_path
         assert key in f, key
     # the ranker is not the oracle: its candidate AUC sits below the truth's
     assert f["pred_auc_is_click"] < f["oracle_auc_is_click"]
+    # the selection averages two trainings per trial, and keeps each one's score
+    seed = bf.FusionPlan().selection_seed
+    for setting in bf.QUICK_PLAN.xmtf_grid:
+        name = "selection.xmtf[" + ",".join(f"{k}={v}" for k, v in setting.items()) + "]"
+        runs = [f[f"{name}#{seed + i}.valid_watch_s"] for i in range(2)]
+        assert f[f"{name}.valid_watch_s"] == pytest.approx(sum(runs) / 2), name
+
+
+def test_selection_refuses_a_bad_seed_count():
+    plan = dataclasses.replace(bf.QUICK_PLAN, selection_seeds=0)
+    world = World.from_profile("small")
+    with pytest.raises(ConfigError, match="selection_seeds must be a positive integer, got 0"):
+        bf.select_settings(world, plan)
