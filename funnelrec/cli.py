@@ -126,6 +126,8 @@ def bench(
                              "run only these."),
     extend: bool = typer.Option(False, "--extend", help="With --rows: merge the rows into the previous full run's "
                                 "results instead of replacing them (benchmarks that support it)."),
+    threads: int = typer.Option(None, "--threads", help="Torch threads of benchmarks that fix them (default: "
+                                "theirs, mostly 1)."),
 ) -> None:
     """Run a benchmark; full runs write docs/results/NAME.json and NAME.md."""
     import inspect
@@ -141,7 +143,7 @@ def bench(
         if row_list is not None and not row_list:
             raise FunnelrecError("--rows needs at least one row name")
         kwargs = {k: v for k, v in (("data", data), ("seeds", seeds), ("rows", row_list),
-                                    ("extend", extend or None)) if v is not None}
+                                    ("extend", extend or None), ("threads", threads)) if v is not None}
         if kwargs:
             accepted = inspect.signature(get_benchmark(name)).parameters
             for key in kwargs:
@@ -149,6 +151,8 @@ def bench(
                     raise FunnelrecError(f"benchmark {name!r} does not take --{key}")
         if seeds is not None and seeds < 1:
             raise FunnelrecError(f"--seeds must be >= 1, got {seeds}")
+        if threads is not None and threads < 1:
+            raise FunnelrecError(f"--threads must be >= 1, got {threads}")
         command = "funnelrec bench " + " ".join(sys.argv[sys.argv.index(name):]) if name in sys.argv else None
         run_benchmark(name, quick=quick, json_mode=json_mode, write=not no_write, command=command, **kwargs)
     except FunnelrecError as err:

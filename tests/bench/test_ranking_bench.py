@@ -211,6 +211,8 @@ def test_extend_merges_rows_into_the_previous_run(tmp_path, monkeypatch):
     (["simulator", "--quick", "--extend"], "does not take --extend"),
     (["ranking-scenarios", "--quick", "--rows", "nosuch"], "nosuch"),
     (["ranking-scenarios", "--quick", "--rows", "mtmixatt", "--extend"], "does not take --extend"),
+    (["fusion", "--quick", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["serving", "--quick", "--threads", "2"], "does not take --threads"),
 ])
 def test_bad_row_options_are_one_line_and_exit_2(args, needle):
     res = CliRunner().invoke(app, ["bench", *args])
