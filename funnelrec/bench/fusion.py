@@ -37,13 +37,14 @@ predictions (``SessionEnv(predictions="ranker")``). First the serving cascade is
 (:func:`train_ranker`, ``funnelrec.serving.build.train_cascade`` with its defaults: ~11 min on bench-v1, one
 thread). Then every env asks a fresh cascade over those parts, on the day after the log, with the user's logged
 history plus the pages served in that env. Real predictions carry per-user and per-item biases, which the noisy
-oracle's hashed noise does not, and personalised fusion can correct those biases. It writes
-``docs/results/fusion-ranker.*``. ``--quick`` trains a one-epoch cascade on ``sim:small`` (~1 min).
+oracle's hashed noise does not, and personalised fusion can correct those biases. Its plan
+(:data:`RANKER_PLAN`) scores each selection trial by the mean of four trainings, because with these predictions
+one setting's trainings spread more than the settings differ. It writes ``docs/results/fusion-ranker.*``. ``--quick`` trains a one-epoch cascade on ``sim:small`` (~1 min).
 
 Example:
     funnelrec bench fusion --json
     funnelrec bench fusion --quick --json
-    funnelrec bench fusion-ranker --json
+    funnelrec bench fusion-ranker --json --threads 2
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from funnelrec.fusion.xmtf import XMTF, XMTFConfig
 from funnelrec.metrics import auc
 from funnelrec.sim import World
 
-__all__ = ["FusionPlan", "FULL_PLAN", "QUICK_PLAN", "METHODS", "RL_METHODS", "SWITCH_OFF", "bench_fusion",
+__all__ = ["FusionPlan", "FULL_PLAN", "QUICK_PLAN", "RANKER_PLAN", "METHODS", "RL_METHODS", "SWITCH_OFF", "bench_fusion",
            "run_seed", "summary_markdown"]
 
 ORACLE = ("oracle_greedy_watch", "oracle_greedy_satisfaction")
@@ -154,13 +155,13 @@ class FusionPlan:
 
 
 FULL_PLAN = FusionPlan()
-#: ``fusion-ranker``'s plan: the selection averages two training seeds per trial, because with the trained
-#: ranker's predictions single trainings of one setting spread by up to 45 s (xMTF at ``rl_lr`` 1e-3 collapses
-#: in about one training of four). The xMTF grid drops the settings that lost in the single-seed selection of
-#: the earlier run (``rl_lr`` 1e-5, ``action_reg`` 0.1: validation users only) and adds ``rl_lr`` 1e-4, which
-#: never collapsed in twelve trainings (docs/results/fusion-seed-spread.md).
+#: ``fusion-ranker``'s plan: the selection averages four training seeds per trial, because with the trained
+#: ranker's predictions single trainings of one setting spread by up to 45 s: xMTF at ``rl_lr`` 1e-3 collapses in
+#: about one training of four, which two seeds often miss (docs/results/fusion-seed-spread.md). The xMTF grid drops
+#: the settings that lost in the single-seed selection of the earlier run (``rl_lr`` 1e-5, ``action_reg`` 0.1;
+#: validation users only) and adds ``rl_lr`` 1e-4, which never collapsed in twelve trainings.
 RANKER_PLAN = dataclasses.replace(
-    FULL_PLAN, selection_seeds=2,
+    FULL_PLAN, selection_seeds=4,
     xmtf_grid=tuple({"tau": tau, "rl_lr": lr, "action_reg": reg}
                     for tau in (0.05, 0.5) for lr in (1e-4, 1e-3) for reg in (0.5, 2.0)))
 QUICK_PLAN = FusionPlan(eval_users=300, seeds=1, switch_seeds=1, candidates=32,
