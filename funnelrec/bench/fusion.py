@@ -39,7 +39,8 @@ thread). Then every env asks a fresh cascade over those parts, on the day after 
 history plus the pages served in that env. Real predictions carry per-user and per-item biases, which the noisy
 oracle's hashed noise does not, and personalised fusion can correct those biases. Its plan
 (:data:`RANKER_PLAN`) scores each selection trial by the mean of four trainings, because with these predictions
-one setting's trainings spread more than the settings differ. It writes ``docs/results/fusion-ranker.*``. ``--quick`` trains a one-epoch cascade on ``sim:small`` (~1 min).
+one setting's trainings spread more than the settings differ. It writes ``docs/results/fusion-ranker.*``.
+``--quick`` trains a one-epoch cascade on ``sim:small`` (~1 min).
 
 Example:
     funnelrec bench fusion --json
@@ -67,8 +68,8 @@ from funnelrec.fusion.xmtf import XMTF, XMTFConfig
 from funnelrec.metrics import auc
 from funnelrec.sim import World
 
-__all__ = ["FusionPlan", "FULL_PLAN", "QUICK_PLAN", "RANKER_PLAN", "METHODS", "RL_METHODS", "SWITCH_OFF", "bench_fusion",
-           "run_seed", "summary_markdown"]
+__all__ = ["FusionPlan", "FULL_PLAN", "QUICK_PLAN", "RANKER_PLAN", "METHODS", "RL_METHODS", "SWITCH_OFF",
+           "bench_fusion", "run_seed", "summary_markdown"]
 
 ORACLE = ("oracle_greedy_watch", "oracle_greedy_satisfaction")
 CEM = ("cem_linear", "cem_logsum", "cem_power")
