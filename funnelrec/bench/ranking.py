@@ -35,7 +35,8 @@ LONGER's edge over DIN shrinks; with the tab effect switched off (``responses.ta
 edge over RankMixer shrinks. OneRank against PLE (the seesaw): no task worse by more than 2 std, a gain on every
 sparse task (follow, comment, forward), click not worse by more than 2 std, at matched FLOPs. SOLAR above
 truncated-512 attention, DIN, linear and SIM-style attention; with the long-term interest effect switched off, its edge
-over truncated attention (the value of the lifelong history) shrinks.
+over truncated attention (the value of the lifelong history) shrinks — for each of its two modes (:data:`SOLAR_ROWS`:
+``svd_compact``, the default, and ``svd_exact``).
 
 **Scenarios** (KuaiRand ``tab``): every row also reports its mean test AUC per tab (tabs with at least
 ``MIN_TAB_ROWS`` test impressions); a *single-scenario* row (``Entry.per_tab``) trains one model per tab on that
@@ -60,6 +61,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -162,17 +164,19 @@ class Switch:
     @property
     def edge_key(self) -> str:
         model, base = self.rows
-        return f"{model}{'_tab' if self.per_tab else ''}_edge_over_{base}"
+        return f"{_ident(model)}{'_tab' if self.per_tab else ''}_edge_over_{base}"
 
     @property
     def shrink_key(self) -> str:
-        return f"{self.rows[0]}{'_tab' if self.per_tab else ''}_edge_shrink_switch_off"
+        return f"{_ident(self.rows[0])}{'_tab' if self.per_tab else ''}_edge_shrink_switch_off"
 
 
 SWITCHES: tuple[Switch, ...] = (
     Switch("long_term", "interests.long_term_enabled=false", "switch.", ("longer", "din")),
     Switch("tab", "responses.tab_effect=false", "switch_tab.", ("mtmixatt", "rankmixer"), per_tab=True),
     Switch("lifelong", "interests.long_term_enabled=false", "switch.", ("solar", "target_attention-last512")),
+    Switch("lifelong_exact", "interests.long_term_enabled=false", "switch.",
+           ("solar-svd_exact", "target_attention-last512")),
 )
 #: Backward-compatible names of the long-term switch.
 SWITCH_ROWS = SWITCHES[0].rows
@@ -461,6 +465,9 @@ def _tab_edge(res: dict[str, Any], model: str, base: str, tabs: list[int], prefi
 #: lifelong history (bars), and full softmax attention on the lifelong history (the reference it approximates).
 SOLAR_BASELINES = ("target_attention-last512", "din", "linear_attention-lifelong", "sim-lifelong",
                    "target_attention-lifelong")
+#: SOLAR's two attention modes in the benchmark: ``svd_compact`` (the default, the paper's fast path) and
+#: ``svd_exact`` (softmax attention over the rank-R truncation of the history).
+SOLAR_ROWS = ("solar", "solar-svd_exact")
 
 
 def _ident(key: str) -> str:
@@ -524,10 +531,11 @@ def claims(res: dict[str, Any], rd: RankingData, keys: list[str], switches: list
     if {"onerank", "ple"} <= have:
         seesaw(res, "onerank", "ple", rd.tasks)
         res["onerank_flops_vs_ple"] = res["onerank.flops_per_sample"] / res["ple.flops_per_sample"]
-    for base in SOLAR_BASELINES:
-        if {"solar", base} <= have:
-            res[f"solar_minus_{_ident(base)}_auc_mean"] = res["solar.auc_mean"] - res[f"{base}.auc_mean"]
-            res[f"solar_flops_vs_{_ident(base)}"] = res["solar.flops_per_sample"] / res[f"{base}.flops_per_sample"]
+    for solar, base in itertools.product(SOLAR_ROWS, SOLAR_BASELINES):
+        if {solar, base} <= have:
+            res[f"{_ident(solar)}_minus_{_ident(base)}_auc_mean"] = res[f"{solar}.auc_mean"] - res[f"{base}.auc_mean"]
+            res[f"{_ident(solar)}_flops_vs_{_ident(base)}"] = (res[f"{solar}.flops_per_sample"]
+                                                               / res[f"{base}.flops_per_sample"])
     for sw in switches:
         model, base = sw.rows
         if sw.per_tab:
@@ -550,7 +558,8 @@ def targets_for(res: dict[str, Any], switches: list[Switch]) -> list[Target]:
             ("mtmixatt_minus_single_scenario_nonmain_tab_auc_min", ">", 0.0),
             ("onerank_tasks_worse_than_ple_by_2std", "<=", 0.0), ("onerank_sparse_gain_min_vs_ple", ">", 0.0),
             ("onerank_click_minus_ple_in_std", ">=", -2.0), ("onerank_flops_vs_ple", "in", (0.8, 1.2))]
-    bars += [(f"solar_minus_{_ident(b)}_auc_mean", ">", 0.0) for b in SOLAR_BASELINES[:4]]
+    bars += [(f"{_ident(s)}_minus_{_ident(b)}_auc_mean", ">", 0.0)
+             for s, b in itertools.product(SOLAR_ROWS, SOLAR_BASELINES[:4])]
     bars += [(sw.shrink_key, ">", 0.0) for sw in switches]
     return [Target(name, op, value) for name, op, value in bars if name in res]
 

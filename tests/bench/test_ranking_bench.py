@@ -17,7 +17,7 @@ from funnelrec.ranking import RANKERS
 
 ROWS = ("mmoe", "dcnv2", "din", "rankmixer", "longer", "transformer", "longer-no_merge", "rankmixer-single_scenario",
         "longer_rankmixer", "hyformer", "mtmixatt", "ple", "onerank", "solar", "target_attention-last512",
-        "sim-lifelong")
+        "sim-lifelong", "solar-svd_exact")
 TASKS = ("is_click", "long_view", "is_like", "is_follow", "is_comment", "is_forward")
 SMALL = "sim:small?num_users=150&days=4"
 
@@ -106,6 +106,14 @@ def test_ranking_iv_solar_rows_spectrum_and_switch(quick):
         (r["solar.auc_mean"] - r["target_attention-last512.auc_mean"])
         - (r["switch.solar.auc_mean"] - r["switch.target_attention-last512.auc_mean"]))
     assert {"solar_minus_din_auc_mean", "solar_edge_shrink_switch_off"} <= {t.name for t in quick.targets}
+    # SOLAR's exact mode gets the same bars and its own switch test (the baseline's switched row is shared)
+    assert r["solar_svd_exact_minus_target_attention_last512_auc_mean"] == pytest.approx(
+        r["solar-svd_exact.auc_mean"] - r["target_attention-last512.auc_mean"])
+    assert r["solar_svd_exact_edge_shrink_switch_off"] == pytest.approx(
+        (r["solar-svd_exact.auc_mean"] - r["target_attention-last512.auc_mean"])
+        - (r["switch.solar-svd_exact.auc_mean"] - r["switch.target_attention-last512.auc_mean"]))
+    assert {"solar_svd_exact_minus_sim_lifelong_auc_mean",
+            "solar_svd_exact_edge_shrink_switch_off"} <= {t.name for t in quick.targets}
 
 
 def test_report_tables(quick):
