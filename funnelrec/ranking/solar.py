@@ -17,8 +17,12 @@ Pipeline, per request::
 ``"svd_exact"`` (attention over the rank-R truncation of the history, streamed over N), ``"full"`` (softmax target
 attention over every event: the reference SOLAR approximates; with ``history_pool=512`` the "truncated history"
 baseline), ``"linear"`` (ELU+1 linear attention) and ``"sim"`` (SIM-style: top-k events per candidate, then softmax).
-The event tokens and the per-user decomposition are candidate-independent, so at serving the decomposition is cached
-per user (``SVDTargetAttention.decompose`` / ``HistorySVD.append``) and each request costs O(M·R·dim).
+Which to use: in ``bench ranking`` (2,048-event histories, R = 16) ``svd_exact`` is the accurate one (it wins the
+mode selection on valid and beats truncated, SIM-style and DIN attention) and ``svd_compact`` the fast one (10× SDPA in
+``bench svd-attention``, but below all three on AUC); see ``docs/ranking.md``. The event tokens and the per-user
+decomposition are candidate-independent, so at serving the decomposition is cached
+per user (``SVDTargetAttention.decompose`` / ``HistorySVD.append``) and each request costs O(M·R·dim) with
+``svd_compact``, O(M·N·R) with ``svd_exact`` (whose cache keeps the history).
 
 What is the paper's and what is ours: the paper states softmax is kept, the history is compressed to r principal
 "interests" in O(N·d·r), candidates are scored against them, histories of ~10k events and thousands of candidates are
