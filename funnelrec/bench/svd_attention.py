@@ -9,11 +9,13 @@ q/k/v projections are inside every method) and ends with the [M, D] output:
 * ``compact`` (``svd_compact`` *including* the decomposition: float64 Gram ``XᵀX``, its D×D eigendecomposition,
   softmax over R interest tokens) and ``cached`` (``svd_compact`` from a per-user ``HistorySVD`` built beforehand:
   only the O(M·R·D) part);
-* ``exact`` (``svd_exact``: decomposition + softmax through the factors, streamed over N in ``chunk`` events);
+* ``exact`` (``svd_exact``: decomposition + softmax through the factors, SDPA's fused kernel over the R-wide factors)
+  and ``exact_streamed`` (the same with our chunked online softmax, ``chunk`` events per step; timed only);
 * ``linear`` (ELU+1) and ``sim`` (top-``topk`` events per candidate by raw dot product, chunked, then softmax).
 
 Timings alternate the methods inside each repeat (machines are noisy) and report medians. Figures, per R in
-``ranks``: ``{compact,cached,exact}_ms_r{R}``, ``speedup_vs_full_r{R}``, ``speedup_cached_r{R}``; for the main rank
+``ranks``: ``{compact,cached,exact,exact_streamed}_ms_r{R}``, ``speedup_vs_full_r{R}``, ``speedup_cached_r{R}``;
+``speedup_exact`` / ``speedup_exact_streamed`` (full over exact at R = 32, no target); for the main rank
 (R = 32): ``speedup_vs_full`` (target ≥ 10) and ``speedup_cached`` (target ≥ 50), ``flop_ratio`` /
 ``flop_ratio_cached`` (``FlopCounterMode``; the eigendecomposition, which it does not see, is added as 9·D³ per
 request; the CPU flash kernel's formula comes from ``funnelrec.nn.seq_attention``).
@@ -137,12 +139,13 @@ def alternating_times(fns: dict[str, callable], repeats: int, warmup: int = 1) -
 
 def _methods(att: SVDTargetAttention, q: torch.Tensor, x: torch.Tensor, rank_atts: dict, rank: int) -> dict:
     """The callables of every method at ``rank`` (caches are built here, outside any timing)."""
-    a = rank_atts[rank]
+    a, streamed = rank_atts[rank], rank_atts[("streamed", rank)]
     cache = a.decompose(x)
     return {"full": lambda: att(q, x, mode="full"),
             "compact": lambda: a(q, x, mode="svd_compact"),
             "cached": lambda: a(q, cache=cache, mode="svd_compact"),
             "exact": lambda: a(q, x, mode="svd_exact"),
+            "exact_streamed": lambda: streamed(q, x, mode="svd_exact"),
             "linear": lambda: att(q, x, mode="linear"),
             "sim": lambda: att(q, x, mode="sim")}
 
@@ -265,8 +268,10 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
     att = SVDTargetAttention(dim=dim, heads=heads, rank=MAIN_RANK, chunk=chunk, topk=topk).eval()
     rank_atts = {}
     for r in ranks:  # the same weights at every rank
-        rank_atts[r] = SVDTargetAttention(dim=dim, heads=heads, rank=r, chunk=chunk, topk=topk).eval()
-        rank_atts[r].load_state_dict(att.state_dict())
+        for key, kernel in ((r, "sdpa"), (("streamed", r), "streamed")):
+            rank_atts[key] = SVDTargetAttention(dim=dim, heads=heads, rank=r, chunk=chunk, topk=topk,
+                                                exact_kernel=kernel).eval()
+            rank_atts[key].load_state_dict(att.state_dict())
     g = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(1, m, dim, generator=g)
     x = torch.randn(1, n, dim, generator=g)
@@ -292,12 +297,12 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
         for r in ranks:
             fns = _methods(att, q, x, rank_atts, r)
             if r != ranks[0]:
-                fns = {k: v for k, v in fns.items() if k in ("full", "compact", "cached", "exact")}
+                fns = {k: v for k, v in fns.items() if k in ("full", "compact", "cached", "exact", "exact_streamed")}
             t = alternating_times(fns, repeats)
             for k in pooled:
                 if k in t:
                     pooled[k].append(t[k])
-            for k in ("compact", "cached", "exact"):
+            for k in ("compact", "cached", "exact", "exact_streamed"):
                 results[f"{k}_ms_r{r}"] = t[k] * 1e3
             results[f"speedup_vs_full_r{r}"] = t["full"] / t["compact"]
             results[f"speedup_cached_r{r}"] = t["full"] / t["cached"]
@@ -307,10 +312,12 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
         results["speedup_vs_full"] = results[f"speedup_vs_full_r{MAIN_RANK}"]
         results["speedup_cached"] = results[f"speedup_cached_r{MAIN_RANK}"]
         results["speedup_exact"] = results["full_ms_with_r32"] / results["exact_ms_r32"]
+        results["speedup_exact_streamed"] = results["full_ms_with_r32"] / results["exact_streamed_ms_r32"]
 
         # FLOPs and memory at the main rank
         fns = _methods(att, q, x, rank_atts, MAIN_RANK)
         eig = 9 * dim ** 3  # eigh of the D×D Gram, unseen by FlopCounterMode
+        fns.pop("exact_streamed")  # the same FLOPs and memory as ``exact`` up to the kernel's own buffers
         flops = {k: _flops(fn) + (eig if k in ("compact", "exact") else 0) for k, fn in fns.items()}
         for k in METHODS:
             results[f"flops_{k}"] = float(flops[k])
@@ -371,7 +378,8 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
     summary = (f"One request: {m} candidates attend to {n} history events, D = {dim}, {heads} head(s), the same "
                f"weights in every mode; {threads} torch threads. *compact* = `svd_compact` including the "
                f"decomposition (float64 Gram + D×D eigh); *cached* = `svd_compact` from a per-user `HistorySVD`; "
-               f"*exact* = `svd_exact` (streamed over N in chunks of {chunk}); *full* = SDPA. The SVD-attention "
+               f"*exact* = `svd_exact` through SDPA's fused kernel over the R-wide factors (*exact_streamed*: our "
+               f"chunked online softmax, {chunk} events per step); *full* = SDPA. The SVD-attention "
                f"formula is our reconstruction of SOLAR (arXiv 2603.02561), not the paper's published equation; "
                f"see `funnelrec/nn/svd_attention.py`. `svd_compact` is an approximation: `err_compact_*` is its "
                f"relative error against full softmax on histories with singular values ∝ i^−α.")

@@ -29,11 +29,13 @@ formula below is **our reconstruction** (``/work/shared/papers/solar.md``, secti
   "Lossless" holds in the sense that X = U_R Z exactly when rank(X) ≤ R.
   Training: U_R is treated as a detached projection and gradients flow through ``Z = U_Rᵀ X`` (the note's advice;
   eigen-solver gradients are unstable near degenerate singular values).
-* ``mode="svd_exact"`` (ours: exact, not fast): keys and values *through the factors*, ``K = P B_kᵀ`` with
-  ``P = X V_R`` [N, R] and ``B_k = W_k V_R`` [D, R]; the scores ``(Q B_k) Pᵀ`` are streamed over chunks of N with an
+* ``mode="svd_exact"`` (ours: exact, O(M·N·R)): keys and values *through the factors*, ``K = P B_kᵀ`` with
+  ``P = X V_R`` [N, R] and ``B_k = W_k V_R`` [D, R]; the scores ``(Q B_k) Pᵀ`` are streamed over N with an
   online (log-sum-exp) softmax, and ``Σ_n w_n p_n`` [M, R] is accumulated before the value map ``B_v``. It equals
-  full softmax attention whenever rank(X) ≤ R (then X = P V_Rᵀ), in O(M·N·R) time and O(M·chunk) memory; on a
-  full-rank history it is attention over the rank-R truncation of the history.
+  full softmax attention whenever rank(X) ≤ R (then X = P V_Rᵀ), in O(M·N·R) time; on a full-rank history it is
+  attention over the rank-R truncation of the history. Two kernels (``exact_kernel``): ``"sdpa"`` hands the
+  R-wide queries, keys and values to ``F.scaled_dot_product_attention`` (its fused CPU/GPU kernels stream over N;
+  default), ``"streamed"`` is our chunked loop (O(M·chunk) memory; the readable reference).
 * Baselines: ``"full"`` (``F.scaled_dot_product_attention``), ``"linear"`` (ELU+1 linear attention, O((N+M)·D²)),
   ``"sim"`` (SIM-style: the top-k events of each candidate by the raw dot product of the candidate and event
   embeddings, selected in chunks of N with a running top-k, then exact softmax attention over the k selected).
@@ -73,6 +75,8 @@ from torch import Tensor, nn
 from funnelrec.errors import ConfigError, DataError
 
 MODES = ("full", "svd_exact", "svd_compact", "linear", "sim")
+#: Kernels of ``svd_exact`` (same outputs): PyTorch's fused SDPA over the factors, or our streamed online softmax.
+EXACT_KERNELS = ("sdpa", "streamed")
 #: interest tokens with s_k <= TOKEN_TOL · s_1 are masked out (rank below R, empty history)
 TOKEN_TOL = 1e-6
 
@@ -237,14 +241,14 @@ def _merge(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * dh)
 
 
-def full_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
-    """SDPA over the valid keys (the reference). q [B, h, M, dh], k, v [B, h, N, dh], valid [B, N] or None.
-    Rows of a request with no valid key are zero."""
+def full_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scale: float | None = None) -> Tensor:
+    """SDPA over the valid keys (the reference). q [B, h, M, dk], k [B, h, N, dk], v [B, h, N, dv], valid [B, N]
+    or None; ``scale`` of the scores (default 1/√dk). Rows of a request with no valid key are zero."""
     if valid is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     any_key = valid.any(-1)
     mask = (valid | ~any_key.unsqueeze(-1))[:, None, None, :]  # [B, 1, 1, N], broadcast over heads and queries
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out * any_key.view(-1, 1, 1, 1).to(out.dtype)
 
 
@@ -291,6 +295,20 @@ def svd_exact_attention(q: Tensor, history: Tensor, valid: Tensor | None, v_r: T
         acc = acc * scale + w @ p
         run_max = new_max
     pooled = acc / torch.where(run_sum > 0, run_sum, torch.ones_like(run_sum))  # Σ_n w_n p_n, [B, h, M, R]
+    return pooled @ bv.transpose(-1, -2)
+
+
+def svd_exact_sdpa(q: Tensor, history: Tensor, valid: Tensor | None, v_r: Tensor, w_k: Tensor,
+                   w_v: Tensor) -> Tensor:
+    """``svd_exact`` through SDPA: the same attention as :func:`svd_exact_attention` (queries ``Q B_k`` [M, R] over
+    keys = values = ``P`` [N, R], then the value map ``B_v``), with PyTorch's fused kernel doing the streaming, so the
+    score width is R instead of D/h. Shapes as :func:`svd_exact_attention`."""
+    b, h, m, dh = q.shape
+    r = v_r.shape[-1]
+    bk = (w_k @ v_r).view(b, h, dh, r)
+    bv = (w_v @ v_r).view(b, h, dh, r)
+    p = (history @ v_r).unsqueeze(1).expand(b, h, -1, r)  # [B, h, N, R], one copy shared by the heads
+    pooled = full_attention(q @ bk, p, p, valid, scale=1.0 / math.sqrt(dh))  # Σ_n w_n p_n, [B, h, M, R]
     return pooled @ bv.transpose(-1, -2)
 
 
@@ -351,7 +369,10 @@ class SVDTargetAttention(nn.Module):
         heads: h (D divisible by h); outputs are the concatenated heads, no output projection.
         mode: default mode, one of ``"full"``, ``"svd_exact"``, ``"svd_compact"``, ``"linear"``, ``"sim"``.
         rank: R of the decomposition (1 ≤ R ≤ D).
-        chunk: events per streamed step of ``svd_exact`` and ``sim`` (memory O(M·chunk)).
+        chunk: events per streamed step of ``sim`` and of the streamed ``svd_exact`` kernel (memory O(M·chunk)).
+        exact_kernel: ``svd_exact``'s kernel: ``"sdpa"`` (default; PyTorch's fused attention over the R-wide
+            factors) or ``"streamed"`` (:func:`svd_exact_attention`, our chunked online softmax: the readable
+            reference, same outputs).
         topk: k of ``sim``.
         both_signs: ``svd_compact`` attends to the 2R tokens ±z_k (sign-convention free).
         normalize: ``svd_compact`` uses ``Z / √n`` (n = valid events; ours, default) instead of ``Z = U_Rᵀ X``.
@@ -367,7 +388,7 @@ class SVDTargetAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int = 1, mode: str = "svd_compact", rank: int = 32, chunk: int = 1024,
                  topk: int = 100, both_signs: bool = False, normalize: bool = True, train_gram_dtype=None,
-                 device=None, dtype=None):
+                 exact_kernel: str = "sdpa", device=None, dtype=None):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("rank", rank), ("chunk", chunk), ("topk", topk)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -379,6 +400,9 @@ class SVDTargetAttention(nn.Module):
         self.dim, self.heads, self.mode, self.rank = dim, heads, self._check_mode(mode), rank
         self.chunk, self.topk, self.both_signs, self.normalize = chunk, topk, bool(both_signs), bool(normalize)
         self.train_gram_dtype = train_gram_dtype
+        if exact_kernel not in EXACT_KERNELS:
+            raise ConfigError(f"SVDTargetAttention: exact_kernel must be one of {EXACT_KERNELS}, got {exact_kernel!r}")
+        self.exact_kernel = exact_kernel
         kw = {"device": device, "dtype": dtype}
         self.q = nn.Linear(dim, dim, bias=False, **kw)
         self.k = nn.Linear(dim, dim, bias=False, **kw)
@@ -445,6 +469,8 @@ class SVDTargetAttention(nn.Module):
             return _merge(compact_attention(q, _heads(self.k(z), h), _heads(self.v(z), h), tok))
         if mode == "svd_exact":
             svd = cache if cache is not None else self.decompose(history, valid)
+            if self.exact_kernel == "sdpa":
+                return _merge(svd_exact_sdpa(q, history, valid, svd.v, self.k.weight, self.v.weight))
             return _merge(svd_exact_attention(q, history, valid, svd.v, self.k.weight, self.v.weight, h,
                                               self.chunk))
         k, v = _heads(self.k(history), h), _heads(self.v(history), h)
@@ -456,6 +482,6 @@ class SVDTargetAttention(nn.Module):
         return _merge(sim_attention(q, k, v, idx, ok))
 
 
-__all__ = ["MODES", "TOKEN_TOL", "HistorySVD", "SVDTargetAttention", "chunked_topk", "compact_attention",
+__all__ = ["EXACT_KERNELS", "MODES", "TOKEN_TOL", "HistorySVD", "SVDTargetAttention", "chunked_topk", "compact_attention",
            "fix_signs", "full_attention", "history_svd", "interest_tokens", "linear_attention", "sim_attention",
-           "svd_exact_attention", "top_eig"]
+           "svd_exact_attention", "svd_exact_sdpa", "top_eig"]

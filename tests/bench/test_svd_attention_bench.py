@@ -31,10 +31,11 @@ def test_registered():
 
 def test_quick_run_has_every_figure(quick):
     r = quick.results
-    keys = ["speedup_vs_full", "speedup_cached", "speedup_exact", "flop_ratio", "flop_ratio_cached",
+    keys = ["speedup_vs_full", "speedup_cached", "speedup_exact", "speedup_exact_streamed", "flop_ratio",
+            "flop_ratio_cached",
             "peak_memory_ratio", "peak_memory_ratio_cached", "exact_max_abs_diff", "exact_max_abs_diff_float32",
             "cached_max_abs_diff", "cache_bytes", "full_ms", "linear_ms", "sim_ms", "mn_matrix_bytes"]
-    keys += [f"{k}_ms_r{rank}" for k in ("compact", "cached", "exact") for rank in RANKS]
+    keys += [f"{k}_ms_r{rank}" for k in ("compact", "cached", "exact", "exact_streamed") for rank in RANKS]
     keys += [f"speedup_{k}_r{rank}" for k in ("vs_full", "cached") for rank in RANKS]
     keys += [f"{k}_{m}" for k in ("flops", "peak_bytes") for m in METHODS] + [f"slope_{m}" for m in METHODS]
     keys += [f"err_{k}_r{rank}_a{a}" for k in ("compact", "exact") for rank in RANKS for a in ALPHAS]

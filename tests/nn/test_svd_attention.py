@@ -10,7 +10,7 @@ import torch
 
 import funnelrec.nn.svd_attention as svd_mod
 from funnelrec.errors import ConfigError, DataError
-from funnelrec.nn.svd_attention import HistorySVD, SVDTargetAttention, chunked_topk, fix_signs
+from funnelrec.nn.svd_attention import EXACT_KERNELS, HistorySVD, SVDTargetAttention, chunked_topk, fix_signs
 from funnelrec.utils.probes import ShapeProbe
 
 M, N, D, R = 13, 37, 8, 3  # distinct primes for M and N (the shape probe below)
@@ -56,6 +56,28 @@ def test_svd_exact_equals_full_softmax_on_rank_r_histories(dtype, tol):
     assert diff.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_exact_kernels_agree_in_outputs_and_gradients(dtype, tol):
+    """The fused SDPA kernel of svd_exact against our streamed one, on a full-rank history (attention over its
+    rank-R truncation), with padding, a hole and a request without any valid event."""
+    q, _, valid = inputs(dtype)
+    x = torch.randn(2, N, D, dtype=dtype)
+    valid = torch.cat([valid, torch.zeros(1, N, dtype=torch.bool)])
+    q, x = torch.cat([q, q[:1]]), torch.cat([x, x[:1]])
+    outs, grads = [], []
+    for kernel in EXACT_KERNELS:
+        att = make(dtype, exact_kernel=kernel)
+        qq, xx = q.clone().requires_grad_(), x.clone().requires_grad_()
+        out = att(qq, xx, valid, mode="svd_exact")
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append((qq.grad, xx.grad, att.k.weight.grad))
+    assert outs[0][2].abs().max() == 0 and torch.isfinite(outs[0]).all()
+    assert (outs[0] - outs[1]).abs().max() < tol
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=tol * 10, rtol=tol * 10)
+
+
 def test_padding_is_ignored_and_empty_history_gives_zeros():
     att = make()
     q, x, valid = inputs()
@@ -72,12 +94,14 @@ def test_padding_is_ignored_and_empty_history_gives_zeros():
     assert empty.shape == (2, M, D) and empty.abs().max() == 0
 
 
-@pytest.mark.parametrize("mode", ["svd_exact", "svd_compact", "linear", "sim"])
-def test_no_m_by_n_tensor_is_allocated(mode):
-    att = make(topk=5)
+@pytest.mark.parametrize("mode,kernel", [("svd_exact", "sdpa"), ("svd_exact", "streamed"), ("svd_compact", "sdpa"),
+                                         ("linear", "sdpa"), ("sim", "sdpa")])
+def test_no_m_by_n_tensor_is_allocated(mode, kernel):
+    att = make(topk=5, exact_kernel=kernel)
     q, x, valid = inputs()
-    with ShapeProbe() as probe:
-        att(q, x, valid, mode=mode)
+    q.requires_grad_(), x.requires_grad_()
+    with ShapeProbe() as probe:  # training too: the backward pass must not build one either
+        att(q, x, valid, mode=mode).sum().backward()
     assert probe.shapes
     bad = [s for s in probe.shapes if M in s and N in s]
     assert not bad, bad
@@ -208,6 +232,8 @@ def test_bad_arguments_raise_clear_errors():
         SVDTargetAttention(dim=D, rank=D + 1)
     with pytest.raises(ConfigError, match="chunk"):
         SVDTargetAttention(dim=D, rank=4, chunk=0)
+    with pytest.raises(ConfigError, match="exact_kernel"):
+        SVDTargetAttention(dim=D, rank=4, exact_kernel="flash")
     att = make()
     q, x, valid = inputs()
     with pytest.raises(DataError, match="queries"):
