@@ -108,6 +108,13 @@ def _check_history(x: Tensor, valid: Tensor | None, what: str = "history") -> No
                         f"{valid.dtype} {list(valid.shape)}")
 
 
+def token_tol(gram_dtype: torch.dtype) -> float:
+    """The relative singular value below which a direction is round-off of a Gram accumulated in ``gram_dtype``:
+    ``TOKEN_TOL`` for float64; for float32 the Gram's round-off puts the null directions of a rank-deficient history
+    near √eps · s_1, so ten times that."""
+    return max(TOKEN_TOL, 10 * math.sqrt(torch.finfo(gram_dtype).eps)) if gram_dtype != torch.float64 else TOKEN_TOL
+
+
 def top_eig(gram: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Top-``rank`` singular values and right singular vectors from a Gram matrix ``XᵀX`` [B, D, D].
 
@@ -146,6 +153,7 @@ class HistorySVD:
     v: Tensor
     history: Tensor | None = None
     valid: Tensor | None = None
+    tol: float = TOKEN_TOL
 
     @property
     def rank(self) -> int:
@@ -158,8 +166,8 @@ class HistorySVD:
 
     @property
     def token_mask(self) -> Tensor:
-        """[B, R] bool: tokens with ``s_k > TOKEN_TOL · s_1`` (False for every token of an empty history)."""
-        return self.s > TOKEN_TOL * self.s[..., :1]
+        """[B, R] bool: tokens with ``s_k > tol · s_1`` (False for every token of an empty history)."""
+        return self.s > self.tol * self.s[..., :1]
 
     @property
     def nbytes(self) -> int:
@@ -186,7 +194,8 @@ class HistorySVD:
         s, v = top_eig(gram, rank)
         kept = (history, valid if valid is not None else torch.ones(history.shape[:2], dtype=torch.bool,
                                                                      device=history.device))
-        return cls(gram, count, s.to(history.dtype), v.to(history.dtype), *(kept if keep_history else (None, None)))
+        return cls(gram, count, s.to(history.dtype), v.to(history.dtype), *(kept if keep_history else (None, None)),
+                   tol=token_tol(gram_dtype))
 
     def append(self, new: Tensor, valid: Tensor | None = None) -> HistorySVD:
         """A new cache with the events ``new`` [B, k, D] added: O(k·D²) for the Gram, O(D³) to re-solve it.
@@ -376,8 +385,10 @@ class SVDTargetAttention(nn.Module):
         topk: k of ``sim``.
         both_signs: ``svd_compact`` attends to the 2R tokens ±z_k (sign-convention free).
         normalize: ``svd_compact`` uses ``Z / √n`` (n = valid events; ours, default) instead of ``Z = U_Rᵀ X``.
-        train_gram_dtype: the Gram's accumulation dtype under autograd (None: float64, as at inference; the
-            history's dtype halves the decomposition's cost in training, where round-off of the Gram is harmless).
+        gram_dtype: the dtype the Gram ``XᵀX`` is accumulated in at inference (None: the history's dtype, at least
+            float32 — a third of float64's cost on CPU, and its round-off stays far below float32 outputs' own;
+            ``torch.float64`` for the most exact factors). The D×D eigenproblem is solved in float64 either way.
+        train_gram_dtype: the same under autograd (None: as ``gram_dtype``).
         device, dtype: of the projection weights.
 
     Example:
@@ -387,8 +398,8 @@ class SVDTargetAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 1, mode: str = "svd_compact", rank: int = 32, chunk: int = 1024,
-                 topk: int = 100, both_signs: bool = False, normalize: bool = True, train_gram_dtype=None,
-                 exact_kernel: str = "sdpa", device=None, dtype=None):
+                 topk: int = 100, both_signs: bool = False, normalize: bool = True, gram_dtype=None,
+                 train_gram_dtype=None, exact_kernel: str = "sdpa", device=None, dtype=None):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads), ("rank", rank), ("chunk", chunk), ("topk", topk)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -399,7 +410,7 @@ class SVDTargetAttention(nn.Module):
             raise ConfigError(f"SVDTargetAttention: rank={rank} exceeds dim={dim}")
         self.dim, self.heads, self.mode, self.rank = dim, heads, self._check_mode(mode), rank
         self.chunk, self.topk, self.both_signs, self.normalize = chunk, topk, bool(both_signs), bool(normalize)
-        self.train_gram_dtype = train_gram_dtype
+        self.gram_dtype, self.train_gram_dtype = gram_dtype, train_gram_dtype
         if exact_kernel not in EXACT_KERNELS:
             raise ConfigError(f"SVDTargetAttention: exact_kernel must be one of {EXACT_KERNELS}, got {exact_kernel!r}")
         self.exact_kernel = exact_kernel
@@ -418,8 +429,9 @@ class SVDTargetAttention(nn.Module):
         """The per-user cache of ``history`` [B, N, D] at this module's rank (``keep_history`` for svd_exact)."""
         if history.dim() == 3 and history.shape[-1] != self.dim:
             raise DataError(f"history must be [B, N, D={self.dim}], got {list(history.shape)}")
-        gram_dtype = (self.train_gram_dtype if self.train_gram_dtype is not None and torch.is_grad_enabled()
-                      and history.requires_grad else torch.float64)
+        gram_dtype = self.gram_dtype or torch.promote_types(history.dtype, torch.float32)
+        if self.train_gram_dtype is not None and torch.is_grad_enabled() and history.requires_grad:
+            gram_dtype = self.train_gram_dtype
         return HistorySVD.from_history(history, valid, rank=self.rank, keep_history=keep_history,
                                        gram_dtype=gram_dtype)
 
@@ -484,4 +496,4 @@ class SVDTargetAttention(nn.Module):
 
 __all__ = ["EXACT_KERNELS", "MODES", "TOKEN_TOL", "HistorySVD", "SVDTargetAttention", "chunked_topk", "compact_attention",
            "fix_signs", "full_attention", "history_svd", "interest_tokens", "linear_attention", "sim_attention",
-           "svd_exact_attention", "svd_exact_sdpa", "top_eig"]
+           "svd_exact_attention", "svd_exact_sdpa", "token_tol", "top_eig"]
