@@ -14,7 +14,9 @@ q/k/v projections are inside every method) and ends with the [M, D] output:
   ``exact`` in a loop of its own, ``exact_streamed_over_exact_r{R}``);
 * ``linear`` (ELU+1) and ``sim`` (top-``topk`` events per candidate by raw dot product, chunked, then softmax).
 
-Timings alternate the methods inside each repeat (machines are noisy) and report medians. Figures, per R in
+Timings alternate the methods inside each repeat (machines are noisy) and report medians; each sample is a block
+of back-to-back calls of about 20 ms (``alternating_times``), so a sub-millisecond method is not timed as a lone
+call right after a slow one. Figures, per R in
 ``ranks``: ``{compact,cached,exact,exact_streamed}_ms_r{R}``, ``speedup_vs_full_r{R}``, ``speedup_cached_r{R}``;
 ``speedup_exact`` / ``speedup_exact_streamed`` (full over exact at R = 32, no target); for the main rank
 (R = 32): ``speedup_vs_full`` (target ≥ 10) and ``speedup_cached`` (target ≥ 50), ``flop_ratio`` /
@@ -124,17 +126,28 @@ def peak_bytes(fn) -> int:
     return probe.peak
 
 
-def alternating_times(fns: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, the functions called in turn inside every repeat."""
-    for _ in range(warmup):
-        for fn in fns.values():
+def alternating_times(fns: dict[str, callable], repeats: int, warmup: int = 1,
+                      min_block_s: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each function; the functions take turns inside every repeat.
+
+    Each sample is a block of back-to-back calls lasting about ``min_block_s`` (one call for the slow methods, tens
+    for a sub-millisecond one), and the block's time is divided by its calls: a lone sub-millisecond call timed
+    right after another method's 30 ms call measures the thread pool waking up as much as the method (we saw the
+    cached path read 0.4–0.8 ms that way from one run to the next)."""
+    calls = {}
+    for k, fn in fns.items():
+        for _ in range(warmup):
             fn()
+        t0 = time.perf_counter()
+        fn()
+        calls[k] = max(1, math.ceil(min_block_s / max(time.perf_counter() - t0, 1e-9)))
     times = {k: [] for k in fns}
-    for _ in range(repeats):  # timing loop: each call is timed on its own
+    for _ in range(repeats):  # timing loop: each block is timed on its own
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(calls[k]):
+                fn()
+            times[k].append((time.perf_counter() - t0) / calls[k])
     return {k: float(np.median(v)) for k, v in times.items()}
 
 

@@ -4,6 +4,7 @@ memory probe, the plots and bad arguments."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -96,3 +97,19 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
             bench_svd_attention(quick=True, **{"threads": 1, **kwargs})
     finally:
         torch.set_num_threads(before)
+
+
+def test_alternating_times_blocks_fast_calls_and_counts_every_call():
+    counts = {"a": 0, "b": 0}
+
+    def call(k):
+        def fn():
+            counts[k] += 1
+            if k == "b":
+                time.sleep(0.002)  # longer than the block below: one call per sample
+        return fn
+
+    out = alternating_times({k: call(k) for k in counts}, repeats=4, warmup=1, min_block_s=0.001)
+    assert set(out) == {"a", "b"} and out["b"] >= 0.002 and out["a"] > 0
+    assert counts["b"] == 1 + 1 + 4  # warmup, the sizing call, one call per repeat
+    assert counts["a"] > counts["b"]  # a no-op is timed in blocks of back-to-back calls
