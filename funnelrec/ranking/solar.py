@@ -18,7 +18,7 @@ Pipeline, per request::
 attention over every event: the reference SOLAR approximates; with ``history_pool=512`` the "truncated history"
 baseline), ``"linear"`` (ELU+1 linear attention) and ``"sim"`` (SIM-style: top-k events per candidate, then softmax).
 Which to use: in ``bench ranking`` (2,048-event histories, R = 16) ``svd_exact`` is the accurate one (it wins the
-mode selection on valid and beats truncated, SIM-style and DIN attention) and ``svd_compact`` the fast one (15× SDPA in
+mode selection on valid and beats truncated, SIM-style and DIN attention) and ``svd_compact`` the fast one (~20× SDPA in
 ``bench svd-attention``, but below all three on AUC); see ``docs/ranking.md``. The event tokens and the per-user
 decomposition are candidate-independent, so at serving the decomposition is cached
 per user (``SVDTargetAttention.decompose`` / ``HistorySVD.append``) and each request costs O(M·R·dim) with
