@@ -77,7 +77,8 @@ from funnelrec.errors import ConfigError, DataError
 MODES = ("full", "svd_exact", "svd_compact", "linear", "sim")
 #: Kernels of ``svd_exact`` (same outputs): PyTorch's fused SDPA over the factors, or our streamed online softmax.
 EXACT_KERNELS = ("sdpa", "streamed")
-#: interest tokens with s_k <= TOKEN_TOL · s_1 are masked out (rank below R, empty history)
+#: interest tokens with s_k <= TOKEN_TOL · s_1 are masked out (rank below R, empty history); float64 Grams only,
+#: a float32 Gram's round-off needs more (``token_tol``)
 TOKEN_TOL = 1e-6
 
 
@@ -408,6 +409,9 @@ class SVDTargetAttention(nn.Module):
             raise ConfigError(f"SVDTargetAttention: rank={rank} exceeds dim={dim}")
         self.dim, self.heads, self.mode, self.rank = dim, heads, self._check_mode(mode), rank
         self.chunk, self.topk, self.both_signs, self.normalize = chunk, topk, bool(both_signs), bool(normalize)
+        for name, val in (("gram_dtype", gram_dtype), ("train_gram_dtype", train_gram_dtype)):
+            if val is not None and not (isinstance(val, torch.dtype) and val.is_floating_point):
+                raise ConfigError(f"SVDTargetAttention: {name} must be a floating torch dtype or None, got {val!r}")
         self.gram_dtype, self.train_gram_dtype = gram_dtype, train_gram_dtype
         if exact_kernel not in EXACT_KERNELS:
             raise ConfigError(f"SVDTargetAttention: exact_kernel must be one of {EXACT_KERNELS}, got {exact_kernel!r}")

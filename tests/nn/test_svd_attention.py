@@ -10,7 +10,8 @@ import torch
 
 import funnelrec.nn.svd_attention as svd_mod
 from funnelrec.errors import ConfigError, DataError
-from funnelrec.nn.svd_attention import EXACT_KERNELS, HistorySVD, SVDTargetAttention, chunked_topk, fix_signs
+from funnelrec.nn.svd_attention import (EXACT_KERNELS, TOKEN_TOL, HistorySVD, SVDTargetAttention, chunked_topk,
+                                        fix_signs)
 from funnelrec.utils.probes import ShapeProbe
 
 M, N, D, R = 13, 37, 8, 3  # distinct primes for M and N (the shape probe below)
@@ -234,6 +235,8 @@ def test_bad_arguments_raise_clear_errors():
         SVDTargetAttention(dim=D, rank=4, chunk=0)
     with pytest.raises(ConfigError, match="exact_kernel"):
         SVDTargetAttention(dim=D, rank=4, exact_kernel="flash")
+    with pytest.raises(ConfigError, match="gram_dtype"):
+        SVDTargetAttention(dim=D, rank=4, gram_dtype="float64")
     att = make()
     q, x, valid = inputs()
     with pytest.raises(DataError, match="queries"):
@@ -260,3 +263,13 @@ def test_normalized_tokens_are_the_literal_ones_over_root_n():
     scaled.count = torch.ones_like(svd.count)
     assert torch.allclose(norm(q, cache=svd), lit(q, cache=scaled), atol=1e-6)
     assert not torch.allclose(norm(q, cache=svd), lit(q, cache=svd), atol=1e-3)
+
+
+def test_gram_dtype_sets_the_accumulation_and_the_token_tolerance():
+    """The inference Gram accumulates in the history's dtype by default (as in training), float64 on request; the
+    rank mask's tolerance follows the Gram's round-off, and both give the same attention on a rank-R history."""
+    q, x, valid = inputs()
+    default, exact64 = make(), make(gram_dtype=torch.float64)
+    assert exact64.decompose(x, valid).tol == TOKEN_TOL < default.decompose(x, valid).tol < 1e-2
+    assert default.decompose(x, valid).token_mask.sum(-1).tolist() == [R, R]
+    assert (default(q, x, valid, mode="svd_exact") - exact64(q, x, valid, mode="svd_exact")).abs().max() < 1e-5
