@@ -562,9 +562,9 @@ def selected_solar(res: dict[str, Any], have: set[str], switches: list[Switch]) 
     res["solar_selected.auc_mean"], res["solar_selected.valid_auc_mean"] = (res[f"{pick}.auc_mean"],
                                                                             res[f"{pick}.valid_auc_mean"])
     for base in SOLAR_BASELINES:
-        for fig in ("minus", "flops_vs"):
-            if (key := f"{_ident(pick)}_{fig}_{_ident(base)}" + ("_auc_mean" if fig == "minus" else "")) in res:
-                res[key.replace(_ident(pick), "solar_selected", 1)] = res[key]
+        for figure in (f"minus_{_ident(base)}_auc_mean", f"flops_vs_{_ident(base)}"):
+            if f"{_ident(pick)}_{figure}" in res:
+                res[f"solar_selected_{figure}"] = res[f"{_ident(pick)}_{figure}"]
     for sw in switches:
         if sw.rows[0] == pick:
             res["solar_selected_edge_shrink_switch_off"] = res[sw.shrink_key]

@@ -6,8 +6,8 @@ same ``SVDTargetAttention`` weights for every mode. Each timed call starts from 
 q/k/v projections are inside every method) and ends with the [M, D] output:
 
 * ``full``: ``F.scaled_dot_product_attention`` (PyTorch's CPU flash kernel) — the reference;
-* ``compact`` (``svd_compact`` *including* the decomposition: float64 Gram ``XᵀX``, its D×D eigendecomposition,
-  softmax over R interest tokens) and ``cached`` (``svd_compact`` from a per-user ``HistorySVD`` built beforehand:
+* ``compact`` (``svd_compact`` *including* the decomposition: the Gram ``XᵀX`` (float32, the default), its D×D
+  float64 eigendecomposition, softmax over R interest tokens) and ``cached`` (``svd_compact`` from a per-user ``HistorySVD`` built beforehand:
   only the O(M·R·D) part);
 * ``exact`` (``svd_exact``: decomposition + softmax through the factors, SDPA's fused kernel over the R-wide factors)
   and ``exact_streamed`` (the same with our chunked online softmax, ``chunk`` events per step; timed only, against
@@ -281,10 +281,8 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
     att = SVDTargetAttention(dim=dim, heads=heads, rank=MAIN_RANK, chunk=chunk, topk=topk).eval()
     rank_atts = {}
     for r in ranks:  # the same weights at every rank
-        for key, kernel in ((r, "sdpa"), (("streamed", r), "streamed")):
-            rank_atts[key] = SVDTargetAttention(dim=dim, heads=heads, rank=r, chunk=chunk, topk=topk,
-                                                exact_kernel=kernel).eval()
-            rank_atts[key].load_state_dict(att.state_dict())
+        rank_atts[r] = SVDTargetAttention(dim=dim, heads=heads, rank=r, chunk=chunk, topk=topk).eval()
+        rank_atts[r].load_state_dict(att.state_dict())
     g = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(1, m, dim, generator=g)
     x = torch.randn(1, n, dim, generator=g)
@@ -318,7 +316,8 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
             for k in ("compact", "cached", "exact"):
                 results[f"{k}_ms_r{r}"] = t[k] * 1e3
             # the streamed kernel in its own loop: a slow call between the fast ones would slow them too
-            streamed = rank_atts[("streamed", r)]
+            streamed = SVDTargetAttention(dim=dim, heads=heads, rank=r, chunk=chunk, exact_kernel="streamed").eval()
+            streamed.load_state_dict(att.state_dict())
             ts = alternating_times({"exact": fns["exact"], "exact_streamed": lambda: streamed(q, x, mode="svd_exact")},
                                    repeats)
             results[f"exact_streamed_ms_r{r}"] = ts["exact_streamed"] * 1e3
@@ -395,7 +394,7 @@ def bench_svd_attention(quick: bool = False, history: int | None = None, candida
         targets = targets[:1]
     summary = (f"One request: {m} candidates attend to {n} history events, D = {dim}, {heads} head(s), the same "
                f"weights in every mode; {threads} torch threads. *compact* = `svd_compact` including the "
-               f"decomposition (float64 Gram + D×D eigh); *cached* = `svd_compact` from a per-user `HistorySVD`; "
+               f"decomposition (float32 Gram + float64 D×D eigh); *cached* = `svd_compact` from a per-user `HistorySVD`; "
                f"*exact* = `svd_exact` through SDPA's fused kernel over the R-wide factors (*exact_streamed*: our "
                f"chunked online softmax, {chunk} events per step); *full* = SDPA. The SVD-attention "
                f"formula is our reconstruction of SOLAR (arXiv 2603.02561), not the paper's published equation; "
