@@ -276,15 +276,16 @@ def report_tabs(rd: RankingData) -> list[int]:
     return sorted(int(t) for t, n in zip(counts["tab"], counts["len"]) if n >= MIN_TAB_ROWS)
 
 
-def tab_scores(probs: np.ndarray, rd: RankingData, tabs: list[int]) -> dict[str, float]:
-    """Per reported tab: AUC per task on that tab's test impressions and their mean over tasks."""
-    test_tab = rd.parts["test"]["tab"].to_numpy()
+def tab_scores(probs: np.ndarray, rd: RankingData, tabs: list[int], split: str = "test") -> dict[str, float]:
+    """Per reported tab: AUC per task on that tab's impressions of ``split`` and their mean over tasks."""
+    part = rd.parts[split]
+    split_tab = part["tab"].to_numpy()
     out: dict[str, float] = {}
     for tab in tabs:
-        rows = test_tab == tab
+        rows = split_tab == tab
         aucs = []
         for j, task in enumerate(rd.tasks):
-            a = auc(probs[rows, j], rd.parts["test"][task].to_numpy()[rows])
+            a = auc(probs[rows, j], part[task].to_numpy()[rows])
             out[f"tab{tab}.auc.{task}"] = a
             aucs.append(a)
         out[f"tab{tab}.auc_mean"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else math.nan

@@ -104,6 +104,13 @@ class ResponseConfig:
         task_projection_noise: how different each task's projection of (u, v) is (0 = all tasks read the same
             relevance; larger = a stronger multi-task seesaw).
         hate_bias: intercept of the is_hate logit (hate needs no click).
+        tab_response: how differently users respond in each tab (0 = not at all, every frozen profile). At size s
+            each tab t gets its own reading of the long-term interest (I + 0.6·s·R_t/√d)·u_long (rescaled to
+            u_long's length), its own relevance multiplier exp(0.5·s·z_t) in the click logit and its own offsets
+            0.5·s·z_{t,task} on the
+            like/follow/comment/forward logits (R, z standard normal, from a stream of their own). Unlike
+            ``tab_effect`` (additive biases), this changes *how* a tab's users respond: the scenario setting of
+            multi-scenario rankers (MTmixAtt).
     """
 
     click_bias: float = -2.7
@@ -122,6 +129,7 @@ class ResponseConfig:
     forward_bias: float = -7.3
     task_projection_noise: float = 0.6
     hate_bias: float = -6.5
+    tab_response: float = 0.0
 
 
 @dataclass
@@ -297,6 +305,7 @@ class WorldConfig:
             ("extensions.questionnaire_rate", self.extensions.questionnaire_rate,
              0.0 <= self.extensions.questionnaire_rate <= 1.0),
             ("activity.scale", self.activity.scale, self.activity.scale > 0),
+            ("responses.tab_response", self.responses.tab_response, self.responses.tab_response >= 0),
         ]
         for name, value, ok in checks:
             if not ok:

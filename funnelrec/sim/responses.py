@@ -10,6 +10,10 @@ For user u, item i at position k of a page (all terms with a size and a switch i
                 r_task reads its own projection (I + η·R_task)·u_long, so tasks are correlated, not identical
     hate|exam   σ(b_hate − 1.2·r + 0.5·repeats in the session window)
 
+With ``responses.tab_response`` s > 0 (off in every frozen profile) the tab also changes how users respond: u_long
+is read through the tab's own (I + 0.6·s·R_tab/√d), rescaled to its length; the click logit's s·r becomes
+s·exp(0.5·s·z_tab)·r; and each conditional task logit gets the tab's offset 0.5·s·z_{tab,task}.
+
 List penalties: saturation (each earlier item of the page with the same primary tag / creator) and similarity
 (cosine to the item directly above beyond a threshold). Unclicked impressions play a short, uniform part of the
 first 3 s, so ``long_view`` needs a click, as in KuaiRand's single-column UI where a click is a valid play.
@@ -105,6 +109,12 @@ class ResponseModel:
         self.creator_factor = torch.randn(catalog.num_creators, CREATOR_AFFINITY_RANK, generator=g) / \
             CREATOR_AFFINITY_RANK ** 0.25
         self.task_bias = torch.tensor([rc.like_bias, rc.follow_bias, rc.comment_bias, rc.forward_bias])
+        # a stream of its own, so that tab_response = 0 leaves every other draw (and the frozen worlds) unchanged
+        gt = torch.Generator().manual_seed(seed + 211)
+        s = rc.tab_response
+        self.tab_interest = torch.eye(d) + 0.6 * s * torch.randn(NUM_TABS, d, d, generator=gt) / d ** 0.5
+        self.tab_relevance_scale = torch.exp(0.5 * s * torch.randn(NUM_TABS, generator=gt))
+        self.tab_task_bias = 0.5 * s * torch.randn(NUM_TABS, len(CONDITIONAL_TASKS), generator=gt)
         if not config.responses.activity_effect:
             self._activity = torch.zeros(population.num_users)
         else:
@@ -144,7 +154,14 @@ class ResponseModel:
         items = state.items
         v = cat.latent[items]  # [B, M, D]
         w_long, w_short, w_creator = self._weights()
-        rel_long = torch.einsum("bd,bmd->bm", state.long_term, v)
+        long_term = state.long_term
+        if rc.tab_response > 0:
+            # the tab turns the interest vector but keeps its length, so the tab changes which items are
+            # relevant, not how relevant the best ones are
+            turned = torch.einsum("bde,be->bd", self.tab_interest[state.tab], long_term)
+            scale = long_term.norm(dim=1, keepdim=True) / turned.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            long_term = turned * scale
+        rel_long = torch.einsum("bd,bmd->bm", long_term, v)
         rel_short = torch.einsum("bd,bmd->bm", state.short_term, v)
         creator = cat.author_index[items]
         user_f = self.population.creator_factor[state.user]
@@ -153,19 +170,24 @@ class ResponseModel:
         quality = cat.quality[items]
         cluster = cat.primary_tag[items]
         degree = self.population.degree[state.user]
+        click_relevance = rc.relevance_scale * relevance
+        if rc.tab_response > 0:
+            click_relevance = click_relevance * self.tab_relevance_scale[state.tab].unsqueeze(1)
         logit = (rc.click_bias + self._activity[state.user].unsqueeze(1) + self.tab_bias[state.tab].unsqueeze(1)
                  + self.tab_cluster[state.tab.unsqueeze(1), cluster]
                  + self.activity_duration[degree.unsqueeze(1), self.item_duration_bucket[items]]
-                 + rc.relevance_scale * relevance + rc.popularity_weight * quality)
+                 + click_relevance + rc.popularity_weight * quality)
         duration = cat.duration_ms[items]
         watch_mu = (rc.watch_log_ratio_bias + rc.watch_relevance_scale * (relevance + 0.3 * quality)
                     - rc.watch_duration_slope * torch.log(duration / 60_000.0))
 
         # Each conditional task reads its own projection of the long-term vector.
-        proj = torch.einsum("tde,be->tbd", self.task_projection, state.long_term)  # [4, B, D]
+        proj = torch.einsum("tde,be->tbd", self.task_projection, long_term)  # [4, B, D]
         rel_task = w_long * torch.einsum("tbd,bmd->tbm", proj, v) + w_short * rel_short.unsqueeze(0) \
             + aff.unsqueeze(0) + 0.5 * quality.unsqueeze(0)
         task_logit = self.task_bias.view(-1, 1, 1) + 1.2 * rel_task
+        if rc.tab_response > 0:
+            task_logit = task_logit + self.tab_task_bias[state.tab].T.unsqueeze(-1)
         if self.cfg.interests.hidden_enabled:
             hidden = (cluster == self.population.hidden_cluster[state.user].unsqueeze(1)).float()
             task_logit = task_logit + self.cfg.interests.hidden_like_boost * hidden.unsqueeze(0)

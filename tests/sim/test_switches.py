@@ -8,10 +8,11 @@ import polars as pl
 import pytest
 import torch
 
-from funnelrec.errors import DataError
+from funnelrec.errors import ConfigError, DataError
 from funnelrec.sim import World
 from funnelrec.sim.catalog import Catalog, ItemModel, real_table
 from funnelrec.sim.diagnostics import OracleGreedyPolicy, history_advantage, session_watch_time
+from funnelrec.sim.responses import PageState
 
 BASE = ["num_users=150", "days=2"]
 
@@ -66,6 +67,43 @@ def test_oracle_greedy_policy_shows_distinct_items_and_rejects_unknown_objective
         items, is_rand = OracleGreedyPolicy(world, objective).select(torch.arange(20), g)
         assert items.shape == (20, world.cfg.sessions.page_size) and not is_rand.any()
         assert all(len(set(row)) == len(row) for row in items.tolist())
+
+
+def _same_page_in_every_tab(world: World, tabs: list[int]):
+    """The same user and page shown in each of ``tabs``: the page probabilities per tab."""
+    g = torch.Generator().manual_seed(0)
+    user = torch.tensor([3])
+    items, _ = world.logging_policy.select(user, g)
+    none = torch.full((1, world.cfg.sessions.repeat_window), -1, dtype=torch.int64)
+    short = world.draw_short_term(user, g)
+    return [world.responses.page(PageState(user=user, items=items, tab=torch.tensor([t]),
+                                           long_term=world.long_term_on_day(0)[user], short_term=short,
+                                           recent_tags=none, recent_creators=none.clone())) for t in tabs]
+
+
+def test_tab_response_changes_how_each_tab_responds_and_is_off_by_default():
+    """With the additive tab effect off, a tab changes nothing at size 0; at size 1 the click logits of two tabs
+    differ by more than a constant (the tab reweights relevance) and the task probabilities differ too. The knob has
+    its own random stream, so the world's other draws are the same at any size."""
+    off = ["num_users=50", "days=1", "responses.tab_effect=false"]
+    base = World.from_profile("small", off)
+    assert base.cfg.responses.tab_response == 0.0
+    a, b = _same_page_in_every_tab(base, [1, 4])
+    torch.testing.assert_close(a.click, b.click, rtol=0, atol=0)
+    torch.testing.assert_close(a.tasks, b.tasks, rtol=0, atol=0)
+
+    on = World.from_profile("small", [*off, "responses.tab_response=1.0"])
+    a, b = _same_page_in_every_tab(on, [1, 4])
+    gap = torch.logit(a.click) - torch.logit(b.click)  # [1, M]
+    assert float(gap.std()) > 0.05, gap
+    assert float((a.tasks - b.tasks).abs().max()) > 1e-3
+    torch.testing.assert_close(on.responses.task_projection, base.responses.task_projection)
+    torch.testing.assert_close(on.responses.creator_factor, base.responses.creator_factor)
+
+
+def test_negative_tab_response_is_refused_by_name():
+    with pytest.raises(ConfigError, match="responses.tab_response"):
+        World.from_profile("small", ["responses.tab_response=-0.5"])
 
 
 # ------------------------------------------------------------------------------------------- logging policy
