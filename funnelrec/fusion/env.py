@@ -554,8 +554,10 @@ class OracleGreedy:
         self.weight = satisfaction_weight
         self._picker = OracleGreedyPolicy(env.world, "satisfaction", satisfaction_weight=satisfaction_weight)
 
-    def __call__(self, obs: dict[str, Tensor], info: dict) -> Tensor:
-        """Scores [B, C] (watch) or candidate positions [B, page_size] (satisfaction)."""
+    def value(self, info: dict) -> Tensor:
+        """[B, C] the true single-item value of every candidate: expected watch seconds (``"watch"``), or
+        expected watch minutes + ``satisfaction_weight`` × the expected per-impression reward
+        (``"satisfaction"``). Padded candidates get a value too; mask them."""
         o = info["oracle"]
         if self.objective == "watch":
             return o["play_s"]
@@ -565,7 +567,13 @@ class OracleGreedy:
                   + sc.reward_follow * t[..., 3] + sc.reward_comment * t[..., 4]
                   + sc.reward_forward * t[..., 5]
                   - sc.reward_hate * o["hate"])
-        value = (o["play_s"] / 60.0 + self.weight * reward).masked_fill(~obs["mask"], float("-inf"))
+        return o["play_s"] / 60.0 + self.weight * reward
+
+    def __call__(self, obs: dict[str, Tensor], info: dict) -> Tensor:
+        """Scores [B, C] (watch) or candidate positions [B, page_size] (satisfaction)."""
+        if self.objective == "watch":
+            return self.value(info)
+        value = self.value(info).masked_fill(~obs["mask"], float("-inf"))
         cand = self.env.cand
         picked = self._picker.diverse_pick(cand, value.clone())  # [B, M] items, distinct positions
         # back to positions: the first valid candidate holding each picked item

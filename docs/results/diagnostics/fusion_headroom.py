@@ -1,0 +1,147 @@
+"""Diagnostic behind ``fusion-headroom.md``: how much watch time can *any* fusion of the trained ranker's
+predictions earn? A privileged reference for ``bench fusion-ranker``. Not a benchmark row.
+
+The reference ("privileged fusion") is a supervised scorer f(φ(pxtr), user state) → value of one candidate,
+fitted by least squares to the world's **true** single-item value of every candidate (the satisfaction-aware
+value that ``OracleGreedy`` serves by, or the expected watch seconds). No real system has those labels, so it is
+an optimistic reference: f estimates E[true value | the ranker's predictions, the state], which is what the best
+myopic fusion of these inputs ranks by. xMTF and the formula RL see only session rewards. The labels come from
+sessions of each seed's training pool (the evaluation users are never used for fitting); then every scorer is
+evaluated like a benchmark row: one session of each of the seed's 2,000 evaluation users with the benchmark's
+env seed (common random numbers), so its figures compare with ``fusion-ranker.md``'s rows of the same seeds.
+
+In the same run, as checks that env and cascade match the benchmark's: oracle-greedy (satisfaction) and CEM
+log-sum (tuned per seed as in the benchmark).
+
+Usage (repository root; ~7 min for the cascade, then a few minutes per seed on 2 threads):
+    python docs/results/diagnostics/fusion_headroom.py --seeds 5 --threads 2 > fusion_headroom.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+from torch import nn
+
+from funnelrec.bench.fusion import (QUICK_PLAN, QUICK_RANKER_WORLD, RANKER_PLAN, _env, _eval_requests, _policy, _tune_cem, train_ranker,
+                                    validation_users)
+from funnelrec.fusion.env import OracleGreedy, evaluate, split_users
+from funnelrec.fusion.xmtf import MonotonicFusionCells
+from funnelrec.sim import World
+
+
+def candidate_features(obs: dict) -> torch.Tensor:
+    """[B, C, 3·T + S]: φ of every prediction (as xMTF's cells read them) and the user state."""
+    pxtr, state = obs["pxtr"], obs["user_state"]
+    phi = MonotonicFusionCells.features(pxtr).flatten(-2)
+    return torch.cat([phi, state.unsqueeze(1).expand(-1, pxtr.shape[1], -1)], -1)
+
+
+def collect(env, behaviour, value_of, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, F] and true values [N, V] of the valid candidates of ``steps`` requests of every session."""
+    obs, info = env.reset(seed=seed)
+    xs, ys = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = obs["mask"]
+            xs.append(candidate_features(obs)[mask])
+            ys.append(torch.stack([v(info) for v in value_of], -1)[mask])
+            obs, _, _, _, info = env.step(behaviour(obs, info))
+    return torch.cat(xs), torch.cat(ys)
+
+
+class Scorer(nn.Module):
+    """A standardised-input MLP from candidate features to one value."""
+
+    def __init__(self, x: torch.Tensor, hidden: int = 128):
+        super().__init__()
+        self.register_buffer("mu", x.mean(0))
+        self.register_buffer("sd", x.std(0).clamp(min=1e-6))
+        self.net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mu) / self.sd).squeeze(-1)
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 6, batch: int = 8192) -> tuple[Scorer, float]:
+    """Least squares on standardised y; early stopping on a 10 % hold-out. Returns the scorer and its hold-out R²."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    cut = len(x) // 10
+    hold, train = perm[:cut], perm[cut:]
+    y = (y - y[train].mean()) / y[train].std()
+    torch.manual_seed(seed)
+    model = Scorer(x[train])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    best, best_state = float("inf"), None
+    for _ in range(epochs):
+        model.train()
+        for idx in train[torch.randperm(len(train), generator=g)].split(batch):
+            loss = (model(x[idx]) - y[idx]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            mse = float((model(x[hold]) - y[hold]).pow(2).mean())
+        if mse < best:
+            best, best_state = mse, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model, 1.0 - best / float(y[hold].var())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sessions", type=int, default=512, help="parallel training-pool sessions collected")
+    parser.add_argument("--steps", type=int, default=60, help="requests collected per session slot")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on sim:small (one-epoch cascade)")
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+    plan = RANKER_PLAN
+    if opts.quick:
+        plan = dataclasses.replace(QUICK_PLAN, world=QUICK_RANKER_WORLD, valid_users=60, eval_users=80)
+        opts.sessions, opts.steps = 32, 5
+    start = time.perf_counter()
+    world = World.from_profile(plan.world)
+    ranker = train_ranker(plan.world, quick=opts.quick)
+    print(json.dumps({"cascade": {k: v for k, v in ranker.figures.items() if isinstance(v, (int, float))},
+                      "elapsed_s": time.perf_counter() - start}), flush=True)
+    reserved = validation_users(world.population.num_users, plan)
+    for seed in range(opts.seeds):
+        pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
+        eval_env = _env(world, plan, plan.eval_users, False, pool, ranker)
+        eval_seed = 10_000 + seed
+        row: dict = {"seed": seed}
+
+        def record(name, policy):
+            res = evaluate(eval_env, policy, seed=eval_seed, users=eval_users)
+            row[name] = {"watch_s": float(res["watch_s"].mean()), "pages": float(res["pages"].float().mean())}
+            print(f"seed {seed}: {name} {row[name]['watch_s']:.1f} s", file=sys.stderr, flush=True)
+
+        record("oracle_greedy_satisfaction", OracleGreedy(eval_env, "satisfaction"))
+        probe = _eval_requests(eval_env, eval_seed, eval_users)
+        _, tuned = _tune_cem(world, plan, pool, seed, probe, ("logsum",), ranker)
+        record("cem_logsum", _policy(tuned["logsum"]))
+        train_env = _env(world, plan, opts.sessions, True, pool, ranker)
+        targets = [OracleGreedy(train_env, "satisfaction"), OracleGreedy(train_env, "watch")]
+        x, y = collect(train_env, _policy(tuned["logsum"]), [t.value for t in targets], opts.steps,
+                       seed=30_000 + seed)
+        row["train_rows"] = len(x)
+        for j, name in enumerate(("privileged_satisfaction", "privileged_watch")):
+            scorer, r2 = fit(x, y[:, j], seed)
+            row[f"{name}_holdout_r2"] = r2
+            record(name, lambda obs, info, s=scorer: s(candidate_features(obs)))
+        row["elapsed_s"] = time.perf_counter() - start
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
