@@ -1,11 +1,12 @@
 """Diagnostic behind ``fusion-headroom.md``: how much watch time can *any* fusion of the trained ranker's
 predictions earn? A privileged reference for ``bench fusion-ranker``. Not a benchmark row.
 
-The reference ("privileged fusion") is a supervised scorer f(φ(pxtr), user state) → value of one candidate,
+The reference (``privileged_*``) is a supervised scorer f(φ(pxtr), user state) → value of one candidate,
 fitted by least squares to the world's **true** single-item value of every candidate (the satisfaction-aware
 value that ``OracleGreedy`` serves by, or the expected watch seconds). No real system has those labels, so it is
 an optimistic reference: f estimates E[true value | the ranker's predictions, the state], which is what the best
-myopic fusion of these inputs ranks by. xMTF and the formula RL see only session rewards. The labels come from
+myopic fusion of these inputs ranks by. xMTF and the formula RL see only session rewards. ``logged_watch`` is
+the same scorer fitted to what a real system has: the realised watch seconds of the items actually served. The labels come from
 sessions of each seed's training pool (the evaluation users are never used for fitting); then every scorer is
 evaluated like a benchmark row: one session of each of the seed's 2,000 evaluation users with the benchmark's
 env seed (common random numbers), so its figures compare with ``fusion-ranker.md``'s rows of the same seeds.
@@ -42,17 +43,25 @@ def candidate_features(obs: dict) -> torch.Tensor:
     return torch.cat([phi, state.unsqueeze(1).expand(-1, pxtr.shape[1], -1)], -1)
 
 
-def collect(env, behaviour, value_of, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, F] and true values [N, V] of the valid candidates of ``steps`` requests of every session."""
+def collect(env, behaviour, value_of, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """From ``steps`` requests of every session: features ``x`` [N, F] and true values ``y`` [N, V] of the valid
+    candidates, and features ``x_served`` [K, F] and realised watch seconds ``y_served`` [K] of the served
+    items (what a real system logs)."""
     obs, info = env.reset(seed=seed)
-    xs, ys = [], []
+    xs, ys, xs_served, ys_served = [], [], [], []
     with torch.no_grad():
         for _ in range(steps):
-            mask = obs["mask"]
-            xs.append(candidate_features(obs)[mask])
+            mask, feats = obs["mask"], candidate_features(obs)
+            xs.append(feats[mask])
             ys.append(torch.stack([v(info) for v in value_of], -1)[mask])
             obs, _, _, _, info = env.step(behaviour(obs, info))
-    return torch.cat(xs), torch.cat(ys)
+            served = info["served"]  # positions in the candidates of the page just served; -1: not served
+            hit = served >= 0
+            picked = feats.gather(1, served.clamp(min=0).unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            xs_served.append(picked[hit])
+            ys_served.append(info["served_watch_s"][hit])
+    return {"x": torch.cat(xs), "y": torch.cat(ys), "x_served": torch.cat(xs_served),
+            "y_served": torch.cat(ys_served)}
 
 
 class Scorer(nn.Module):
@@ -102,6 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sessions", type=int, default=512, help="parallel training-pool sessions collected")
     parser.add_argument("--steps", type=int, default=60, help="requests collected per session slot")
+    parser.add_argument("--skip", nargs="*", default=[], help="scorers not to fit (names as in the output)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on sim:small (one-epoch cascade)")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -132,11 +142,16 @@ def main() -> None:
         record("cem_logsum", _policy(tuned["logsum"]))
         train_env = _env(world, plan, opts.sessions, True, pool, ranker)
         targets = [OracleGreedy(train_env, "satisfaction"), OracleGreedy(train_env, "watch")]
-        x, y = collect(train_env, _policy(tuned["logsum"]), [t.value for t in targets], opts.steps,
+        data = collect(train_env, _policy(tuned["logsum"]), [t.value for t in targets], opts.steps,
                        seed=30_000 + seed)
-        row["train_rows"] = len(x)
-        for j, name in enumerate(("privileged_satisfaction", "privileged_watch")):
-            scorer, r2 = fit(x, y[:, j], seed)
+        row["train_rows"], row["served_rows"] = len(data["x"]), len(data["x_served"])
+        fits = {"privileged_satisfaction": (data["x"], data["y"][:, 0]),
+                "privileged_watch": (data["x"], data["y"][:, 1]),
+                "logged_watch": (data["x_served"], data["y_served"])}
+        for name, (x, y) in fits.items():
+            if name in opts.skip:
+                continue
+            scorer, r2 = fit(x, y, seed)
             row[f"{name}_holdout_r2"] = r2
             record(name, lambda obs, info, s=scorer: s(candidate_features(obs)))
         row["elapsed_s"] = time.perf_counter() - start
