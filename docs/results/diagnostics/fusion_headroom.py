@@ -6,7 +6,8 @@ fitted by least squares to the world's **true** single-item value of every candi
 value that ``OracleGreedy`` serves by, or the expected watch seconds). No real system has those labels, so it is
 an optimistic reference: f estimates E[true value | the ranker's predictions, the state], which is what the best
 myopic fusion of these inputs ranks by. xMTF and the formula RL see only session rewards. ``logged_watch`` is
-the same scorer fitted to what a real system has: the realised watch seconds of the items actually served. The labels come from
+the same scorer fitted to what a real system has: the realised watch seconds of the items actually served (by
+the CEM formula); ``logged_watch_random`` fits them on a log served at random (a randomly exposed slice). The labels come from
 sessions of each seed's training pool (the evaluation users are never used for fitting); then every scorer is
 evaluated like a benchmark row: one session of each of the seed's 2,000 evaluation users with the benchmark's
 env seed (common random numbers), so its figures compare with ``fusion-ranker.md``'s rows of the same seeds.
@@ -53,14 +54,15 @@ def collect(env, behaviour, value_of, steps: int, seed: int) -> dict[str, torch.
         for _ in range(steps):
             mask, feats = obs["mask"], candidate_features(obs)
             xs.append(feats[mask])
-            ys.append(torch.stack([v(info) for v in value_of], -1)[mask])
+            if value_of:
+                ys.append(torch.stack([v(info) for v in value_of], -1)[mask])
             obs, _, _, _, info = env.step(behaviour(obs, info))
             served = info["served"]  # positions in the candidates of the page just served; -1: not served
             hit = served >= 0
             picked = feats.gather(1, served.clamp(min=0).unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             xs_served.append(picked[hit])
             ys_served.append(info["served_watch_s"][hit])
-    return {"x": torch.cat(xs), "y": torch.cat(ys), "x_served": torch.cat(xs_served),
+    return {"x": torch.cat(xs), "y": torch.cat(ys) if ys else None, "x_served": torch.cat(xs_served),
             "y_served": torch.cat(ys_served)}
 
 
@@ -148,6 +150,12 @@ def main() -> None:
         fits = {"privileged_satisfaction": (data["x"], data["y"][:, 0]),
                 "privileged_watch": (data["x"], data["y"][:, 1]),
                 "logged_watch": (data["x_served"], data["y_served"])}
+        if "logged_watch_random" not in opts.skip:
+            # the same log, served at random (a randomly exposed slice, as KuaiRand's is_rand traffic): the served
+            # items then cover the candidate sets, so the fit does not extrapolate from the formula's top items
+            rand = collect(train_env, lambda obs, info: torch.rand(obs["mask"].shape), [], opts.steps,
+                           seed=40_000 + seed)
+            fits["logged_watch_random"] = (rand["x_served"], rand["y_served"])
         for name, (x, y) in fits.items():
             if name in opts.skip:
                 continue
