@@ -30,8 +30,8 @@ import time
 import torch
 from torch import nn
 
-from funnelrec.bench.fusion import (QUICK_PLAN, QUICK_RANKER_WORLD, RANKER_PLAN, _env, _eval_requests, _policy, _tune_cem, train_ranker,
-                                    validation_users)
+from funnelrec.bench.fusion import (QUICK_PLAN, QUICK_RANKER_WORLD, RANKER_PLAN, _env, _eval_requests, _policy,
+                                    _train_xmtf, _tune_cem, train_ranker, validation_users)
 from funnelrec.fusion.env import OracleGreedy, evaluate, split_users
 from funnelrec.fusion.xmtf import MonotonicFusionCells
 from funnelrec.sim import World
@@ -64,6 +64,17 @@ def collect(env, behaviour, value_of, steps: int, seed: int) -> dict[str, torch.
             ys_served.append(info["served_watch_s"][hit])
     return {"x": torch.cat(xs), "y": torch.cat(ys) if ys else None, "x_served": torch.cat(xs_served),
             "y_served": torch.cat(ys_served)}
+
+
+class ScorerFusion:
+    """A fitted ``Scorer`` behind the fusion interface (``score(pxtr, user_state)``), e.g. as xMTF's teacher."""
+
+    def __init__(self, scorer: "Scorer"):
+        self.scorer = scorer
+
+    @torch.no_grad()
+    def score(self, pxtr: torch.Tensor, user_state: torch.Tensor) -> torch.Tensor:
+        return self.scorer(candidate_features({"pxtr": pxtr, "user_state": user_state}))
 
 
 class Scorer(nn.Module):
@@ -114,6 +125,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=512, help="parallel training-pool sessions collected")
     parser.add_argument("--steps", type=int, default=60, help="requests collected per session slot")
     parser.add_argument("--skip", nargs="*", default=[], help="scorers not to fit (names as in the output)")
+    parser.add_argument("--xmtf-teacher", nargs="*", default=[],
+                        help="scorers that also warm-start an xMTF (instead of the CEM formula)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on sim:small (one-epoch cascade)")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -121,6 +134,8 @@ def main() -> None:
     if opts.quick:
         plan = dataclasses.replace(QUICK_PLAN, world=QUICK_RANKER_WORLD, valid_users=60, eval_users=80)
         opts.sessions, opts.steps = 32, 5
+    # the settings fusion-ranker selected on its validation users (docs/results/fusion-ranker.json)
+    xmtf_plan = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": 0.05, "rl_lr": 1e-4}, xmtf_action_reg=0.5)
     start = time.perf_counter()
     world = World.from_profile(plan.world)
     ranker = train_ranker(plan.world, quick=opts.quick)
@@ -162,6 +177,10 @@ def main() -> None:
             scorer, r2 = fit(x, y, seed)
             row[f"{name}_holdout_r2"] = r2
             record(name, lambda obs, info, s=scorer: s(candidate_features(obs)))
+            if name in opts.xmtf_teacher:
+                # xMTF (the benchmark's selected settings), its inner stage warm-started from this scorer
+                model, _ = _train_xmtf(world, xmtf_plan, pool, seed, "xmtf", ScorerFusion(scorer), ranker)
+                record(f"xmtf_teacher_{name}", _policy(model))
         row["elapsed_s"] = time.perf_counter() - start
         print(json.dumps(row), flush=True)
 
