@@ -205,7 +205,9 @@ def _train_formula_rl(world, plan, pool, seed, kind, center, ranker=None) -> tup
 
 
 def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion,
-                ranker=None) -> tuple[XMTF, list]:
+                ranker=None, inner_init: dict | None = None) -> tuple[XMTF, list]:
+    """Train one xMTF ``variant``. Its inner stage is warm-started from ``teacher``'s ranking, or, with
+    ``inner_init`` (a ``MonotonicFusionCells`` state dict fitted elsewhere), starts from those cells."""
     env = _env(world, plan, plan.train_sessions, True, pool, ranker)
     t, s = env.num_tasks, env.state_dim
     use_inner, use_outer = variant != "xmtf_no_inner", variant != "xmtf_no_outer"
@@ -215,7 +217,9 @@ def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion,
     agent = (TD3(TD3Config(state_dim=s, action_dim=t, hidden=plan.hidden, seed=seed,
                            action_reg=plan.xmtf_action_reg)) if use_outer else None)
     model = XMTF(cfg, actor=agent.actor if agent is not None else None)
-    if use_inner:  # warm start: absorb the teacher formula's ranking into the inner stage
+    if use_inner and inner_init is not None:
+        model.cells.load_state_dict(inner_init)
+    elif use_inner:  # warm start: absorb the teacher formula's ranking into the inner stage
         obs, _ = env.reset(seed=seed + 11)
         for _ in range(plan.warm_steps):
             target = teacher.score(obs["pxtr"], obs["user_state"])

@@ -105,7 +105,7 @@ class AdditiveScorer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         with torch.no_grad():  # start with standardised outputs, as the targets are
             z = self(x[:8192])
-            self.scale.copy_(1 / z.std().clamp(min=1e-3))
+            self.scale.copy_(1 / z.std().clamp(min=0.2))  # at most 5: a steeper start is unstable on noisy labels
             self.bias.copy_(-z.mean() * self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ class AdditiveScorer(nn.Module):
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 6, batch: int = 8192,
-        additive_tasks: int | None = None) -> tuple[nn.Module, float]:
+        additive_tasks: int | None = None, cell_hidden: int = 32) -> tuple[nn.Module, float]:
     """Least squares on standardised y; early stopping on a 10 % hold-out. Returns the scorer (a ``Scorer``, or an
     ``AdditiveScorer`` over ``additive_tasks`` tasks) and its hold-out R²."""
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +127,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int = 6, batch: int
     hold, train = perm[:cut], perm[cut:]
     y = (y - y[train].mean()) / y[train].std()
     torch.manual_seed(seed)
-    model = Scorer(x[train]) if additive_tasks is None else AdditiveScorer(x[train], additive_tasks)
+    model = Scorer(x[train]) if additive_tasks is None else AdditiveScorer(x[train], additive_tasks, cell_hidden)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     best, best_state = float("inf"), None
     for _ in range(epochs):
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="scorers not to fit (names as in the output)")
     parser.add_argument("--xmtf-teacher", nargs="*", default=[],
                         help="scorers that also warm-start an xMTF (instead of the CEM formula)")
+    parser.add_argument("--xmtf-inner", nargs="*", default=[],
+                        help="additive scorers whose fitted cells become an xMTF's inner stage")
     parser.add_argument("--quick", action="store_true", help="a smoke run on sim:small (one-epoch cascade)")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -200,17 +202,26 @@ def main() -> None:
             rand = collect(train_env, lambda obs, info: torch.rand(obs["mask"].shape), [], opts.steps,
                            seed=40_000 + seed)
             fits["logged_watch_random"] = (rand["x_served"], rand["y_served"])
+            fits["logged_watch_random_additive"] = (rand["x_served"], rand["y_served"])
         for name, (x, y) in fits.items():
             if name in opts.skip:
                 continue
             additive = train_env.num_tasks if name.endswith("_additive") else None
-            scorer, r2 = fit(x, y, seed, additive_tasks=additive)
+            # the cells as wide as xMTF's (``_train_xmtf``), so that they can become its inner stage
+            scorer, r2 = fit(x, y, seed, additive_tasks=additive, cell_hidden=max(8, plan.hidden // 2))
             row[f"{name}_holdout_r2"] = r2
+            if additive:
+                row[f"{name}_scale"] = float(scorer.scale)  # > 0: the sum of the cells ranks as the scorer does
             record(name, lambda obs, info, s=scorer: s(candidate_features(obs)))
             if name in opts.xmtf_teacher:
                 # xMTF (the benchmark's selected settings), its inner stage warm-started from this scorer
                 model, _ = _train_xmtf(world, xmtf_plan, pool, seed, "xmtf", ScorerFusion(scorer), ranker)
                 record(f"xmtf_teacher_{name}", _policy(model))
+            if name in opts.xmtf_inner:
+                # xMTF whose inner stage *is* this fitted additive scorer's cells, then TD3 as in the benchmark
+                model, _ = _train_xmtf(world, xmtf_plan, pool, seed, "xmtf", None, ranker,
+                                       inner_init=scorer.cells.state_dict())
+                record(f"xmtf_inner_{name}", _policy(model))
         row["elapsed_s"] = time.perf_counter() - start
         print(json.dumps(row), flush=True)
 
