@@ -106,11 +106,10 @@ class ResponseConfig:
         hate_bias: intercept of the is_hate logit (hate needs no click).
         tab_response: how differently users respond in each tab (0 = not at all, every frozen profile). At size s
             each tab t gets its own reading of the long-term interest (I + 0.6·s·R_t/√d)·u_long (rescaled to
-            u_long's length), its own relevance multiplier exp(0.5·s·z_t) in the click logit and its own offsets
-            0.5·s·z_{t,task} on the
-            like/follow/comment/forward logits (R, z standard normal, from a stream of their own). Unlike
-            ``tab_effect`` (additive biases), this changes *how* a tab's users respond: the scenario setting of
-            multi-scenario rankers (MTmixAtt).
+            u_long's length), its own multiplier exp(0.5·s·z_t) on the relevance term of the click logit and its
+            own offsets 0.5·s·z_{t,task} on the like/follow/comment/forward logits (R, z standard normal, from a
+            random stream of their own). Unlike ``tab_effect`` (additive biases), this changes *how* a tab's users
+            respond: the scenario setting of multi-scenario rankers (MTmixAtt).
     """
 
     click_bias: float = -2.7

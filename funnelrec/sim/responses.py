@@ -10,9 +10,10 @@ For user u, item i at position k of a page (all terms with a size and a switch i
                 r_task reads its own projection (I + η·R_task)·u_long, so tasks are correlated, not identical
     hate|exam   σ(b_hate − 1.2·r + 0.5·repeats in the session window)
 
-With ``responses.tab_response`` s > 0 (off in every frozen profile) the tab also changes how users respond: u_long
-is read through the tab's own (I + 0.6·s·R_tab/√d), rescaled to its length; the click logit's s·r becomes
-s·exp(0.5·s·z_tab)·r; and each conditional task logit gets the tab's offset 0.5·s·z_{tab,task}.
+With ``responses.tab_response`` = η_tab > 0 (0 in every frozen profile) the tab also changes how users respond:
+u_long is read through the tab's own (I + 0.6·η_tab·R_tab/√d), rescaled to its length; the click logit's
+relevance term s·r is multiplied by exp(0.5·η_tab·z_tab); and each conditional task logit gets the tab's offset
+0.5·η_tab·z_{tab,task}.
 
 List penalties: saturation (each earlier item of the page with the same primary tag / creator) and similarity
 (cosine to the item directly above beyond a threshold). Unclicked impressions play a short, uniform part of the
