@@ -157,6 +157,8 @@ def main() -> None:
                         help="scorers that also warm-start an xMTF (instead of the CEM formula)")
     parser.add_argument("--xmtf-inner", nargs="*", default=[],
                         help="additive scorers whose fitted cells become an xMTF's inner stage")
+    parser.add_argument("--xmtf-rl-lr", type=float, default=1e-4,
+                        help="xMTF's inner learning rate during RL (fusion-ranker selected 1e-4; 0 freezes the cells)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on sim:small (one-epoch cascade)")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -165,7 +167,8 @@ def main() -> None:
         plan = dataclasses.replace(QUICK_PLAN, world=QUICK_RANKER_WORLD, valid_users=60, eval_users=80)
         opts.sessions, opts.steps = 32, 5
     # the settings fusion-ranker selected on its validation users (docs/results/fusion-ranker.json)
-    xmtf_plan = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": 0.05, "rl_lr": 1e-4}, xmtf_action_reg=0.5)
+    xmtf_plan = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": 0.05, "rl_lr": opts.xmtf_rl_lr},
+                                    xmtf_action_reg=0.5)
     start = time.perf_counter()
     world = World.from_profile(plan.world)
     ranker = train_ranker(plan.world, quick=opts.quick)
