@@ -204,13 +204,16 @@ def _train_formula_rl(world, plan, pool, seed, kind, center, ranker=None) -> tup
     return fusion, curve
 
 
-def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion,
+def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion | None,
                 ranker=None, inner_init: dict | None = None) -> tuple[XMTF, list]:
-    """Train one xMTF ``variant``. Its inner stage is warm-started from ``teacher``'s ranking, or, with
-    ``inner_init`` (a ``MonotonicFusionCells`` state dict fitted elsewhere), starts from those cells."""
+    """Train one xMTF ``variant``. Its inner stage is warm-started from ``teacher``'s ranking (any object with
+    ``score(pxtr, user_state)``), or, with ``inner_init`` (a ``MonotonicFusionCells`` state dict fitted
+    elsewhere), starts from those cells."""
+    use_inner, use_outer = variant != "xmtf_no_inner", variant != "xmtf_no_outer"
+    if use_inner and teacher is None and inner_init is None:
+        raise ConfigError(f"xMTF variant {variant!r} needs a teacher or inner_init for its inner stage")
     env = _env(world, plan, plan.train_sessions, True, pool, ranker)
     t, s = env.num_tasks, env.state_dim
-    use_inner, use_outer = variant != "xmtf_no_inner", variant != "xmtf_no_outer"
     cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2),
                      lam=0.0 if variant == "xmtf_lambda0" else plan.lam,
                      use_inner=use_inner, use_outer=use_outer, seed=seed, **plan.xmtf)

@@ -97,3 +97,8 @@ def test_selection_refuses_a_bad_seed_count():
     world = World.from_profile("small")
     with pytest.raises(ConfigError, match="selection_seeds must be a positive integer, got 0"):
         bf.select_settings(world, plan)
+
+
+def test_xmtf_training_without_a_teacher_or_fitted_cells_is_refused_by_name():
+    with pytest.raises(ConfigError, match="'xmtf' needs a teacher or inner_init"):
+        bf._train_xmtf(None, bf.QUICK_PLAN, None, 0, "xmtf", None)

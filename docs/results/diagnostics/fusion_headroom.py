@@ -38,6 +38,11 @@ from funnelrec.fusion.xmtf import MonotonicFusionCells
 from funnelrec.sim import World
 
 
+#: the scorers a run fits (``--skip`` leaves some out)
+SCORERS = ("privileged_satisfaction", "privileged_watch", "privileged_watch_additive", "logged_watch",
+           "logged_watch_random", "logged_watch_random_additive")
+
+
 def candidate_features(obs: dict) -> torch.Tensor:
     """[B, C, 3·T + S]: φ of every prediction (as xMTF's cells read them) and the user state."""
     pxtr, state = obs["pxtr"], obs["user_state"]
@@ -161,6 +166,11 @@ def main() -> None:
                         help="xMTF's inner learning rate during RL (fusion-ranker selected 1e-4; 0 freezes the cells)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on sim:small (one-epoch cascade)")
     opts = parser.parse_args()
+    for flag, given, allowed in (("--skip", opts.skip, SCORERS), ("--xmtf-teacher", opts.xmtf_teacher, SCORERS),
+                                 ("--xmtf-inner", opts.xmtf_inner, [n for n in SCORERS if n.endswith("_additive")])):
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            parser.error(f"{flag}: unknown scorer(s) {unknown}; choose from {list(allowed)}")
     torch.set_num_threads(opts.threads)
     plan = RANKER_PLAN
     if opts.quick:
@@ -215,7 +225,7 @@ def main() -> None:
             row[f"{name}_holdout_r2"] = r2
             if additive:
                 row[f"{name}_scale"] = float(scorer.scale)  # > 0: the sum of the cells ranks as the scorer does
-            record(name, lambda obs, info, s=scorer: s(candidate_features(obs)))
+            record(name, _policy(ScorerFusion(scorer)))
             if name in opts.xmtf_teacher:
                 # xMTF (the benchmark's selected settings), its inner stage warm-started from this scorer
                 model, _ = _train_xmtf(world, xmtf_plan, pool, seed, "xmtf", ScorerFusion(scorer), ranker)
