@@ -63,6 +63,7 @@ from funnelrec.bench.harness import BenchResult, Target, beats, fix_threads, mea
 from funnelrec.errors import ConfigError
 from funnelrec.fusion.env import TASKS, OracleGreedy, SessionEnv, SessionEnvConfig, evaluate, split_users
 from funnelrec.fusion.formulas import CEMConfig, FormulaFusion, FormulaRL, cem_tune, reference_log_weights
+from funnelrec.fusion.inner_fit import LogFitConfig, RequestLog, collect_request_log, fit_cells_to_log
 from funnelrec.fusion.rl import TD3, TD3Config, TrainConfig, train_agent
 from funnelrec.fusion.xmtf import XMTF, XMTFConfig
 from funnelrec.metrics import auc
@@ -123,6 +124,14 @@ class FusionPlan:
         xmtf_grid: the xMTF settings tried in the selection (each a dict of ``tau``, ``rl_lr``, ``action_reg``).
         rl_action_reg_grid: the ``action_reg`` values tried for each formula-RL kind.
         teacher: the CEM formula kind whose ranking warm-starts xMTF's inner stage (selected on validation).
+        inner_start: how xMTF's inner stage starts before RL (for every variant that has one): ``"teacher"``,
+            BPR on the ``teacher`` formula's ranking for ``warm_steps`` requests, or ``"random_log"``, least
+            squares on the realised watch time of a randomly served slice of the training pool, with the
+            monotonicity loss at the variant's λ (``funnelrec.fusion.inner_fit``). An ``xmtf_grid`` entry may
+            set it (key ``"inner"``).
+        log_sessions: parallel training-pool sessions of that random slice.
+        log_steps: requests logged per session slot (the log has ``log_sessions × log_steps`` requests).
+        log_fit: the least-squares fit's settings.
         selection_seeds: training seeds per RL / xMTF trial of the selection (``selection_seed``,
             ``selection_seed + 1``, …); a trial scores the mean of their validation watch seconds. One seed
             cannot separate settings whose trainings spread by more than their gap (``fusion-seed-spread.md``).
@@ -153,6 +162,25 @@ class FusionPlan:
     rl_action_reg_grid: tuple = (0.1, 0.5, 2.0)
     teacher: str = "power"
     selection_seeds: int = 1
+    inner_start: str = "teacher"
+    log_sessions: int = 512
+    log_steps: int = 60
+    log_fit: LogFitConfig = field(default_factory=LogFitConfig)
+
+    def validate(self) -> "FusionPlan":
+        starts = {self.inner_start, *(dict(g).get("inner", self.inner_start) for g in self.xmtf_grid)}
+        unknown = sorted(starts - set(INNER_STARTS))
+        if unknown:
+            raise ConfigError(f"FusionPlan: inner start(s) {unknown} unknown; choose from {list(INNER_STARTS)}")
+        if self.log_sessions < 1 or self.log_steps < 1:
+            raise ConfigError(f"FusionPlan: log_sessions={self.log_sessions!r} and log_steps={self.log_steps!r} "
+                              "must be >= 1")
+        self.log_fit.validate()
+        return self
+
+
+#: How xMTF's inner stage can start before RL (``FusionPlan.inner_start``).
+INNER_STARTS = ("teacher", "random_log")
 
 
 FULL_PLAN = FusionPlan()
@@ -160,17 +188,25 @@ FULL_PLAN = FusionPlan()
 #: ranker's predictions single trainings of one setting spread by up to 45 s: xMTF at ``rl_lr`` 1e-3 collapses in
 #: about one training of four, which two seeds often miss (docs/results/fusion-seed-spread.md). The xMTF grid drops
 #: the settings that lost in the single-seed selection of the earlier run (``rl_lr`` 1e-5, ``action_reg`` 0.1;
-#: validation users only) and adds ``rl_lr`` 1e-4, which never collapsed in twelve trainings.
+#: validation users only) and adds ``rl_lr`` 1e-4, which never collapsed in twelve trainings. Since then the grid
+#: drops ``rl_lr`` 1e-3 (it collapsed in 5 of 16 selection trainings, docs/results/fusion-ranker.md of 32aaa30)
+#: and adds the inner stage fitted to a randomly served log (``inner_start="random_log"``), frozen during RL
+#: (``rl_lr`` 0) or nearly (1e-4): docs/results/fusion-headroom.md.
 RANKER_PLAN = dataclasses.replace(
     FULL_PLAN, selection_seeds=4,
-    xmtf_grid=tuple({"tau": tau, "rl_lr": lr, "action_reg": reg}
-                    for tau in (0.05, 0.5) for lr in (1e-4, 1e-3) for reg in (0.5, 2.0)))
+    xmtf_grid=(*({"inner": "teacher", "tau": tau, "rl_lr": 1e-4, "action_reg": reg}
+                 for tau in (0.05, 0.5) for reg in (0.5, 2.0)),
+               *({"inner": "random_log", "tau": 0.05, "rl_lr": lr, "action_reg": reg}
+                 for lr in (0.0, 1e-4) for reg in (0.5, 2.0))))
 QUICK_PLAN = FusionPlan(eval_users=300, seeds=1, switch_seeds=1, candidates=32,
                         cem=CEMConfig(iterations=3, population=8, sessions_per_candidate=24),
                         train_sessions=48, rl_steps=40, updates_per_step=1, warm_steps=15, hidden=32,
                         valid_users=150, xmtf_grid=({"tau": 0.05, "rl_lr": 1e-5, "action_reg": 0.5},
-                                                    {"tau": 0.5, "rl_lr": 1e-3, "action_reg": 0.1}),
-                        rl_action_reg_grid=(0.5,))
+                                                    {"tau": 0.5, "rl_lr": 1e-3, "action_reg": 0.1},
+                                                    {"inner": "random_log", "tau": 0.05, "rl_lr": 0.0,
+                                                     "action_reg": 0.5}),
+                        rl_action_reg_grid=(0.5,), log_sessions=32, log_steps=8,
+                        log_fit=LogFitConfig(epochs=2, batch=64))
 
 
 # ----------------------------------------------------------------------------------------------- one seed
@@ -234,7 +270,7 @@ def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion | 
         return model.fused(obs["pxtr"], obs["user_state"], action if use_outer else None)
 
     def hook(obs, action, info):
-        if not use_inner:
+        if not use_inner or model.cfg.rl_lr == 0:  # rl_lr 0: the inner stage is frozen during RL
             return
         if use_outer:  # transfer: the inner sum follows the outer ranking at the actor's own action
             with torch.no_grad():
@@ -248,6 +284,43 @@ def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion | 
     train_cfg = TrainConfig(steps=plan.rl_steps, updates_per_step=plan.updates_per_step, seed=seed)
     curve = train_agent(env, agent, scorer, train_cfg, hook=hook)
     return model, curve
+
+
+class _LoggedInnerStarts:
+    """The ``random_log`` inner start of one training pool: the randomly served log is collected once (on first
+    use), and the cells are fitted once per λ; every xMTF variant and training seed of the pool starts from
+    them."""
+
+    def __init__(self, world: World, plan: FusionPlan, pool: torch.Tensor, seed: int, ranker=None):
+        self.world, self.plan, self.pool, self.seed, self.ranker = world, plan, pool, seed, ranker
+        self.log: RequestLog | None = None
+        self.fitted: dict[float, dict] = {}
+        self.figures: dict[str, float] = {}
+
+    def cells(self, lam: float) -> dict:
+        """The state dict of cells (xMTF's inner stage as ``_train_xmtf`` builds it) fitted at ``lam``."""
+        if lam not in self.fitted:
+            plan = self.plan
+            if self.log is None:
+                env = _env(self.world, plan, plan.log_sessions, True, self.pool, self.ranker)
+                self.log = collect_request_log(env, plan.log_steps, seed=40_000 + self.seed)
+            t, s = self.log.pxtr.shape[-1], self.log.state.shape[-1]
+            cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2), lam=lam, seed=self.seed,
+                             **plan.xmtf)
+            cells = XMTF(cfg).cells
+            figures = fit_cells_to_log(cells, self.log, lam, plan.log_fit, seed=self.seed)
+            self.figures.update({f"lam{lam}.{k}": v for k, v in figures.items()})
+            self.fitted[lam] = cells.state_dict()
+        return self.fitted[lam]
+
+
+def _xmtf_from(world, plan: FusionPlan, pool, seed, variant: str, teacher, ranker,
+               logged: _LoggedInnerStarts) -> tuple[XMTF, list]:
+    """``_train_xmtf`` with the inner start ``plan.inner_start``."""
+    if plan.inner_start == "random_log" and variant != "xmtf_no_inner":
+        lam = 0.0 if variant == "xmtf_lambda0" else plan.lam
+        return _train_xmtf(world, plan, pool, seed, variant, None, ranker, inner_init=logged.cells(lam))
+    return _train_xmtf(world, plan, pool, seed, variant, teacher, ranker)
 
 
 def _policy(fusion):
@@ -296,6 +369,7 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False,
         the plan with the selected settings, and the flat table ``{row: validation watch s}`` of every trial.
     """
     seed = plan.selection_seed
+    plan.validate()
     if isinstance(plan.selection_seeds, bool) or not isinstance(plan.selection_seeds, int) \
             or plan.selection_seeds < 1:
         raise ConfigError(f"selection_seeds must be a positive integer, got {plan.selection_seeds!r}")
@@ -339,17 +413,20 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False,
                                                                     ranker)[0])
         rl_reg[kind] = max(trials, key=trials.get)
     xmtf_trials = []
+    logged = _LoggedInnerStarts(world, plan, pool, seed, ranker)
     for setting in plan.xmtf_grid:
         setting = dict(setting)
         trial = dataclasses.replace(plan, xmtf={**plan.xmtf, "tau": setting["tau"], "rl_lr": setting["rl_lr"]},
-                                    xmtf_action_reg=setting["action_reg"])
+                                    xmtf_action_reg=setting["action_reg"],
+                                    inner_start=setting.get("inner", plan.inner_start))
         label = ",".join(f"{k}={v}" for k, v in setting.items())
-        mean = score_trainings(f"xmtf[{label}]", lambda s, trial=trial: _train_xmtf(
-            world, trial, pool, s, "xmtf", tuned[teacher], ranker)[0])
+        mean = score_trainings(f"xmtf[{label}]", lambda s, trial=trial: _xmtf_from(
+            world, trial, pool, s, "xmtf", tuned[teacher], ranker, logged)[0])
         xmtf_trials.append((mean, setting))
     best = max(xmtf_trials, key=lambda t: t[0])[1]
     chosen = dataclasses.replace(plan, rl_action_reg=rl_reg, xmtf_action_reg=best["action_reg"],
-                                 teacher=teacher, xmtf={**plan.xmtf, "tau": best["tau"], "rl_lr": best["rl_lr"]})
+                                 teacher=teacher, xmtf={**plan.xmtf, "tau": best["tau"], "rl_lr": best["rl_lr"]},
+                                 inner_start=best.get("inner", plan.inner_start))
     return chosen, table
 
 
@@ -365,6 +442,7 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
     eval_env = _env(world, plan, plan.eval_users, False, pool, ranker)
     eval_seed = 10_000 + seed
     out: dict = {"rows": {}, "violations": {}, "curves": {}, "models": {}}
+    logged = _LoggedInnerStarts(world, plan, pool, seed, ranker)
 
     def log(msg):
         if progress:
@@ -383,10 +461,11 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
 
     probe = _eval_requests(eval_env, eval_seed, eval_users)
     centers, tuned = {}, {}
-    needs_cem = any(r in rows for r in (*CEM, *FORMULA_RL, "xmtf", "xmtf_no_outer", "xmtf_lambda0"))
+    teacher_rows = ("xmtf", "xmtf_no_outer", "xmtf_lambda0") if plan.inner_start == "teacher" else ()
+    needs_cem = any(r in rows for r in (*CEM, *FORMULA_RL, *teacher_rows))
     if needs_cem:
         kinds = [k for k in ("linear", "logsum", "power")
-                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear" or k == plan.teacher]
+                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear" or (k == plan.teacher and teacher_rows)]
         centers, tuned = _tune_cem(world, plan, pool, seed, probe, kinds, ranker)
         for kind in kinds:
             if f"cem_{kind}" in rows or kind == "linear":
@@ -400,12 +479,13 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
     teacher = tuned.get(plan.teacher)
     for name in XMTF_ROWS:
         if name in rows:
-            model, curve = _train_xmtf(world, plan, pool, seed, name, teacher, ranker)
+            model, curve = _xmtf_from(world, plan, pool, seed, name, teacher, ranker, logged)
             out["curves"][name] = curve
             out["models"][name] = model
             record(name, model)
             rate, _ = model.violations(probe["pxtr"], probe["mask"], probe["user_state"])
             out["violations"][name] = rate
+    out["inner_fit"] = dict(logged.figures)
     # prediction quality on the first request of every evaluation session (labels drawn from the truth)
     g = torch.Generator().manual_seed(seed)
     true, mask = probe["oracle_pxtr"], probe["mask"]
@@ -453,6 +533,8 @@ def derived_figures(runs: list[dict], switch_runs: list[dict]) -> dict:
     if all(n in per for n in ORACLE):
         res["oracle_satisfaction_gain_over_watch"] = mean_std(
             [x / y - 1 for x, y in zip(per["oracle_greedy_satisfaction"], per["oracle_greedy_watch"])])[0]
+    for key in runs[0].get("inner_fit", {}):
+        res[f"inner_fit.{key}"] = mean_std([r["inner_fit"][key] for r in runs if key in r.get("inner_fit", {})])[0]
     for name in CELLS:
         rates = [r["violations"][name] for r in runs if name in r["violations"]]
         if rates:
@@ -512,7 +594,8 @@ def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float, r
         lines += ["", f"Selected: teacher `{res.get('teacher')}`; formula-RL action_reg "
                   + ", ".join(f"{k} {res[f'selected.rl_{k}.action_reg']}" for k in ("linear", "logsum", "power")
                               if f"selected.rl_{k}.action_reg" in res)
-                  + f"; xMTF tau {res.get('selected.xmtf.tau')}, rl_lr {res.get('selected.xmtf.rl_lr')}, "
+                  + f"; xMTF inner start `{res.get('selected.xmtf.inner', 'teacher')}`, tau "
+                  f"{res.get('selected.xmtf.tau')}, rl_lr {res.get('selected.xmtf.rl_lr')}, "
                   f"action_reg {res.get('selected.xmtf.action_reg')}."]
     auc_txt = ", ".join(f"{t} {res[f'pred_auc_{t}']:.3f} (oracle {res[f'oracle_auc_{t}']:.3f})"
                         for t in TASKS[:6] if f"pred_auc_{t}" in res)
@@ -529,8 +612,7 @@ def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float, r
         f"{plan.train_sessions} parallel sessions) train on the pool only; every method is then evaluated on "
         f"one session of each evaluation user with the same env seed. {plan.seeds} seed(s) (switch test: "
         f"{plan.switch_seeds}), mean ± std of the per-seed means. {plan.candidates} candidates per request, "
-        f"pages of 6; predictions {predictions} (candidate AUCs: {auc_txt}). xMTF's "
-        f"inner stage is warm-started from the best CEM formula's ranking ({plan.warm_steps} steps). "
+        f"pages of 6; predictions {predictions} (candidate AUCs: {auc_txt}). {_inner_start_text(res, plan)} "
         f"Violation rate: share of within-request pairs of the evaluation requests where o_k rises and the "
         f"learned h̃_k falls. Wall time {wall_s / 60:.1f} min on {threads} torch thread(s)."),
         "",
@@ -538,6 +620,19 @@ def summary_markdown(res: dict, plan: FusionPlan, threads: int, wall_s: float, r
          if not ranker_mode else "`funnelrec bench fusion` runs the same protocol with the noisy oracle's "
          "predictions.")]
     return "\n".join(lines)
+
+
+def _inner_start_text(res: dict, plan: FusionPlan) -> str:
+    if plan.inner_start == "teacher":
+        return (f"xMTF's inner stage is warm-started from the best CEM formula's ranking ({plan.warm_steps} "
+                "steps).")
+    r2 = res.get(f"inner_fit.lam{plan.lam}.holdout_r2")
+    frozen = "frozen" if plan.xmtf.get("rl_lr") == 0 else f"learning rate {plan.xmtf.get('rl_lr')}"
+    return (f"xMTF's inner stage starts from cells fitted by least squares (plus λ·the monotonicity loss) to the "
+            f"realised watch seconds of a randomly served slice of the training pool ({plan.log_sessions} "
+            f"sessions × {plan.log_steps} requests; hold-out R² "
+            f"{'n/a' if r2 is None else f'{r2:.3f}'}), {frozen} during RL; the λ = 0 ablation is fitted "
+            "without the monotonicity loss.")
 
 
 def plot_curves(runs: list[dict], out_dir: Path, stem: str = "fusion") -> list[str]:
@@ -681,7 +776,7 @@ def _run(quick: bool, data: str | None, seeds: int | None, threads: int, out_dir
                  "eval_users": plan.eval_users, "candidates": plan.candidates, "rl_steps": plan.rl_steps,
                  "train_sessions": plan.train_sessions, "noise_std": plan.noise_std, "threads": threads,
                  "valid_users": plan.valid_users, "teacher": plan.teacher,
-                 "selected.xmtf.tau": plan.xmtf["tau"], "selected.xmtf.rl_lr": plan.xmtf["rl_lr"],
+                 "selected.xmtf.inner": plan.inner_start, "selected.xmtf.tau": plan.xmtf["tau"], "selected.xmtf.rl_lr": plan.xmtf["rl_lr"],
                  "selected.xmtf.action_reg": plan.xmtf_action_reg,
                  **{f"selected.rl_{k}.action_reg": v for k, v in plan.rl_action_reg.items()},
                  **{f"selection.{k}.valid_watch_s": v for k, v in selection.items()}, **ranker_figures}
