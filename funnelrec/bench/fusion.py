@@ -15,9 +15,10 @@ session: **total watch seconds per session** and **session length** (requests). 
   actor; ablations ``xmtf_no_inner``, ``xmtf_no_outer``, ``xmtf_lambda0``.
 
 Selection first (:func:`select_settings`): the settings that are ours, not the paper's (the formula-RL and
-xMTF actors' pull to the neutral action, xMTF's transfer temperature and inner learning rate during RL, the CEM
-formula that warm-starts xMTF's inner stage) are chosen on a fixed set of ``valid_users`` validation users that
-no seed ever evaluates on. Protocol per seed: the other users are split (seeded) into ``eval_users`` evaluation
+xMTF actors' pull to the neutral action, xMTF's transfer temperature and inner learning rate during RL, how
+its inner stage starts: from the CEM formula that is best on validation, or fitted to a randomly served slice
+of the training pool, ``inner_start``, ``funnelrec.fusion.inner_fit``) are chosen on a fixed set of
+``valid_users`` validation users that no seed ever evaluates on. Protocol per seed: the other users are split (seeded) into ``eval_users`` evaluation
 users and a training pool; CEM and RL train on sessions of the pool only; every method is then evaluated on one session of each
 evaluation user, all methods with the same env seed (common random numbers). Mean ± std over seeds of the
 per-seed means. Also: the monotonicity violation rate of each learned cell (within-request pairs of the
@@ -465,7 +466,8 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
     needs_cem = any(r in rows for r in (*CEM, *FORMULA_RL, *teacher_rows))
     if needs_cem:
         kinds = [k for k in ("linear", "logsum", "power")
-                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear" or (k == plan.teacher and teacher_rows)]
+                 if f"cem_{k}" in rows or f"rl_{k}" in rows or k == "linear"
+                 or (k == plan.teacher and teacher_rows)]
         centers, tuned = _tune_cem(world, plan, pool, seed, probe, kinds, ranker)
         for kind in kinds:
             if f"cem_{kind}" in rows or kind == "linear":
