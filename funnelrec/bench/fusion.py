@@ -71,7 +71,7 @@ from funnelrec.metrics import auc
 from funnelrec.sim import World
 
 __all__ = ["FusionPlan", "FULL_PLAN", "QUICK_PLAN", "RANKER_PLAN", "METHODS", "RL_METHODS", "SWITCH_OFF",
-           "bench_fusion", "run_seed", "summary_markdown"]
+           "bench_fusion", "run_seed", "seed_split", "summary_markdown", "xmtf_config"]
 
 ORACLE = ("oracle_greedy_watch", "oracle_greedy_satisfaction")
 CEM = ("cem_linear", "cem_logsum", "cem_power")
@@ -169,6 +169,9 @@ class FusionPlan:
     log_fit: LogFitConfig = field(default_factory=LogFitConfig)
 
     def validate(self) -> "FusionPlan":
+        if isinstance(self.selection_seeds, bool) or not isinstance(self.selection_seeds, int) \
+                or self.selection_seeds < 1:
+            raise ConfigError(f"selection_seeds must be a positive integer, got {self.selection_seeds!r}")
         starts = {self.inner_start, *(dict(g).get("inner", self.inner_start) for g in self.xmtf_grid)}
         unknown = sorted(starts - set(INNER_STARTS))
         if unknown:
@@ -241,6 +244,21 @@ def _train_formula_rl(world, plan, pool, seed, kind, center, ranker=None) -> tup
     return fusion, curve
 
 
+def xmtf_config(plan: FusionPlan, num_tasks: int, state_dim: int, seed: int, lam: float,
+                use_inner: bool = True, use_outer: bool = True) -> XMTFConfig:
+    """The benchmark's ``XMTFConfig``: cells half as wide as the TD3 networks, ``plan.xmtf``'s settings."""
+    return XMTFConfig(num_tasks=num_tasks, state_dim=state_dim, hidden=max(8, plan.hidden // 2), lam=lam,
+                      use_inner=use_inner, use_outer=use_outer, seed=seed, **plan.xmtf)
+
+
+def seed_split(world: World, plan: FusionPlan, seed: int, ranker=None):
+    """One seed's split as every row sees it: ``(pool, eval_users, eval_env, eval_seed)``. The evaluation users
+    are drawn outside the validation users; the env seed is shared by all rows (common random numbers)."""
+    reserved = validation_users(world.population.num_users, plan)
+    pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
+    return pool, eval_users, _env(world, plan, plan.eval_users, False, pool, ranker), 10_000 + seed
+
+
 def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion | None,
                 ranker=None, inner_init: dict | None = None) -> tuple[XMTF, list]:
     """Train one xMTF ``variant``. Its inner stage is warm-started from ``teacher``'s ranking (any object with
@@ -251,9 +269,8 @@ def _train_xmtf(world, plan, pool, seed, variant: str, teacher: FormulaFusion | 
         raise ConfigError(f"xMTF variant {variant!r} needs a teacher or inner_init for its inner stage")
     env = _env(world, plan, plan.train_sessions, True, pool, ranker)
     t, s = env.num_tasks, env.state_dim
-    cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2),
-                     lam=0.0 if variant == "xmtf_lambda0" else plan.lam,
-                     use_inner=use_inner, use_outer=use_outer, seed=seed, **plan.xmtf)
+    cfg = xmtf_config(plan, t, s, seed, lam=0.0 if variant == "xmtf_lambda0" else plan.lam,
+                      use_inner=use_inner, use_outer=use_outer)
     agent = (TD3(TD3Config(state_dim=s, action_dim=t, hidden=plan.hidden, seed=seed,
                            action_reg=plan.xmtf_action_reg)) if use_outer else None)
     model = XMTF(cfg, actor=agent.actor if agent is not None else None)
@@ -306,9 +323,7 @@ class _LoggedInnerStarts:
                 env = _env(self.world, plan, plan.log_sessions, True, self.pool, self.ranker)
                 self.log = collect_request_log(env, plan.log_steps, seed=40_000 + self.seed)
             t, s = self.log.pxtr.shape[-1], self.log.state.shape[-1]
-            cfg = XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2), lam=lam, seed=self.seed,
-                             **plan.xmtf)
-            cells = XMTF(cfg).cells
+            cells = XMTF(xmtf_config(plan, t, s, self.seed, lam)).cells
             figures = fit_cells_to_log(cells, self.log, lam, plan.log_fit, seed=self.seed)
             self.figures.update({f"lam{lam}.{k}": v for k, v in figures.items()})
             self.fitted[lam] = cells.state_dict()
@@ -371,9 +386,6 @@ def select_settings(world: World, plan: FusionPlan, progress: bool = False,
     """
     seed = plan.selection_seed
     plan.validate()
-    if isinstance(plan.selection_seeds, bool) or not isinstance(plan.selection_seeds, int) \
-            or plan.selection_seeds < 1:
-        raise ConfigError(f"selection_seeds must be a positive integer, got {plan.selection_seeds!r}")
     valid = validation_users(world.population.num_users, plan)
     keep = torch.ones(world.population.num_users, dtype=torch.bool)
     keep[valid] = False
@@ -438,10 +450,7 @@ def run_seed(world: World, plan: FusionPlan, seed: int, rows=METHODS, progress: 
 
     Evaluation users are drawn outside the validation users of :func:`validation_users`.
     """
-    reserved = validation_users(world.population.num_users, plan)
-    pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
-    eval_env = _env(world, plan, plan.eval_users, False, pool, ranker)
-    eval_seed = 10_000 + seed
+    pool, eval_users, eval_env, eval_seed = seed_split(world, plan, seed, ranker)
     out: dict = {"rows": {}, "violations": {}, "curves": {}, "models": {}}
     logged = _LoggedInnerStarts(world, plan, pool, seed, ranker)
 

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from funnelrec.bench.fusion import (QUICK_PLAN, QUICK_RANKER_WORLD, RANKER_PLAN, _env, _eval_requests, _policy,
-                                    _train_xmtf, _tune_cem, train_ranker, validation_users)
-from funnelrec.fusion.env import OracleGreedy, evaluate, split_users
+                                    _train_xmtf, _tune_cem, seed_split, train_ranker)
+from funnelrec.fusion.env import OracleGreedy, evaluate
 from funnelrec.fusion.xmtf import MonotonicFusionCells
 from funnelrec.sim import World
 
@@ -184,11 +184,8 @@ def main() -> None:
     ranker = train_ranker(plan.world, quick=opts.quick)
     print(json.dumps({"cascade": {k: v for k, v in ranker.figures.items() if isinstance(v, (int, float))},
                       "elapsed_s": time.perf_counter() - start}), flush=True)
-    reserved = validation_users(world.population.num_users, plan)
     for seed in range(opts.seeds):
-        pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
-        eval_env = _env(world, plan, plan.eval_users, False, pool, ranker)
-        eval_seed = 10_000 + seed
+        pool, eval_users, eval_env, eval_seed = seed_split(world, plan, seed, ranker)
         row: dict = {"seed": seed}
 
         def record(name, policy):

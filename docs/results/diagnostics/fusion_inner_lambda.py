@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from funnelrec.bench.fusion import (QUICK_PLAN, QUICK_RANKER_WORLD, RANKER_PLAN, _env, _eval_requests,
-                                    _LoggedInnerStarts, _policy, train_ranker, validation_users)
-from funnelrec.fusion.env import TASKS, evaluate, split_users
-from funnelrec.fusion.xmtf import XMTF, XMTFConfig
+from funnelrec.bench.fusion import (QUICK_PLAN, QUICK_RANKER_WORLD, RANKER_PLAN, _eval_requests,
+                                    _LoggedInnerStarts, _policy, seed_split, train_ranker, xmtf_config)
+from funnelrec.fusion.env import TASKS, evaluate
+from funnelrec.fusion.xmtf import XMTF
 from funnelrec.sim import World
 
 
@@ -46,17 +46,14 @@ def main() -> None:
     ranker = train_ranker(plan.world, quick=opts.quick)
     print(json.dumps({"cascade_valid_auc": ranker.figures.get("ranker_valid_auc_mean"),
                       "elapsed_s": time.perf_counter() - start}), flush=True)
-    reserved = validation_users(world.population.num_users, plan)
     for seed in range(opts.seeds):
-        pool, eval_users = split_users(world.population.num_users, plan.eval_users, seed, reserved=reserved)
-        eval_env = _env(world, plan, plan.eval_users, False, pool, ranker)
-        eval_seed = 10_000 + seed
+        pool, eval_users, eval_env, eval_seed = seed_split(world, plan, seed, ranker)
         probe = _eval_requests(eval_env, eval_seed, eval_users)
         logged = _LoggedInnerStarts(world, plan, pool, seed, ranker)  # as run_seed builds it
         for lam in opts.lams:
             cells = logged.cells(lam)
             t, s = probe["pxtr"].shape[-1], probe["user_state"].shape[-1]
-            model = XMTF(XMTFConfig(num_tasks=t, state_dim=s, hidden=max(8, plan.hidden // 2), use_outer=False))
+            model = XMTF(xmtf_config(plan, t, s, seed, lam, use_outer=False))
             model.cells.load_state_dict(cells)
             res = evaluate(eval_env, _policy(model), seed=eval_seed, users=eval_users)
             rate, per_task = model.violations(probe["pxtr"], probe["mask"], probe["user_state"])
